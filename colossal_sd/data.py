@@ -1,0 +1,211 @@
+"""Image-caption data: where it comes from, how an image becomes a tensor, and what a batch holds."""
+
+import io
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import functional as TF
+
+from colossal_sd import embedded
+from colossal_sd.errors import UserError
+
+SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None):
+    """The training split as a `datasets.Dataset`, from the hub, a local path, or an imagefolder."""
+    import datasets
+
+    if train_data_dir is not None:
+        if not Path(train_data_dir).is_dir():
+            raise UserError(f"--train_data_dir '{train_data_dir}' is not a directory")
+        return _train_split(_load(datasets.load_dataset, "imagefolder", data_dir=train_data_dir,
+                                  cache_dir=cache_dir), train_data_dir)
+    if embedded.is_embedded(dataset_name):
+        return load_source(train_data_dir=embedded.resolve(dataset_name), cache_dir=cache_dir)
+    path = Path(dataset_name)
+    if path.is_dir() and any((path / m).exists() for m in SAVED_DATASET_MARKERS):
+        return _train_split(_load(datasets.load_from_disk, str(path)), dataset_name)
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(f"--dataset_name '{dataset_name}': cannot read '{path.suffix}' files; "
+                            f"use one of {', '.join(DATA_FILE_BUILDERS)}")
+        return _train_split(_load(datasets.load_dataset, builder, data_files=str(path), cache_dir=cache_dir),
+                            dataset_name)
+    if not path.exists() and (dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1):
+        raise UserError(f"--dataset_name '{dataset_name}' does not exist")
+    return _train_split(_load(datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir),
+                        dataset_name)
+
+
+def _load(loader, *args, **kwargs):
+    try:
+        return loader(*args, **kwargs)
+    except Exception as e:  # datasets raises many types for "not there" / "offline"
+        what = args[0] if args else kwargs
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load dataset '{what}': {first_line} "
+                        "(check the name or path; hub datasets need network access)") from None
+
+
+def _train_split(ds, name):
+    import datasets
+
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" in ds:
+            return ds["train"]
+        if len(ds) == 1:
+            return next(iter(ds.values()))
+        raise UserError(f"dataset '{name}' has no 'train' split (it has: {', '.join(ds)})")
+    return ds
+
+
+def select_columns(ds, image_column: str, caption_column: str, max_train_samples=None, seed=0):
+    """Keep the two columns, leave images undecoded (bad ones are skipped later), subsample if asked."""
+    import datasets
+
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in ds.column_names:
+            raise UserError(f"{flag} '{column}' is not in the dataset; its columns are: "
+                            f"{', '.join(ds.column_names)}")
+    ds = ds.select_columns([image_column, caption_column])
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    if len(ds) == 0:
+        raise UserError("the dataset is empty")
+    if max_train_samples is not None:
+        ds = ds.shuffle(seed=seed).select(range(min(max_train_samples, len(ds))))
+    return ds
+
+
+# ---------------------------------------------------------------- one image
+
+
+def open_image(value, root=None) -> Image.Image:
+    """Any image cell (PIL image, path, bytes, datasets' {'bytes','path'} dict) as an RGB PIL image."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        image = Image.open(path if path.is_absolute() or root is None else Path(root) / path)
+    elif isinstance(value, Image.Image):
+        image = value
+    else:
+        raise ValueError(f"not an image: {type(value).__name__}")
+    image.load()
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Greyscale, 16-bit, float, CMYK, palette and alpha images, all as 8-bit RGB (alpha onto white)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+                    rng: random.Random) -> torch.Tensor:
+    """Resize the short side, crop to a square, maybe flip, scale to [-1, 1]: the SD training transform."""
+    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    width, height = image.size
+    if center_crop:
+        top, left = (height - resolution) // 2, (width - resolution) // 2
+    else:
+        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
+    image = TF.crop(image, top, left, resolution, resolution)
+    if random_flip and rng.random() < 0.5:
+        image = TF.hflip(image)
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+
+def pick_caption(value, rng: random.Random) -> str:
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return ""
+        value = rng.choice(value)
+    if value is None:
+        return ""
+    return str(value)
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Decodes, augments and tokenizes one sample; an unreadable image is replaced by the next readable one.
+
+    Replacing (rather than dropping) keeps every batch, on every rank, the same size, so no rank waits on a
+    collective that another rank skipped. Each sample reports whether its own image was unreadable, so one
+    epoch's count equals the number of unreadable images.
+
+    Randomness (crop, flip, caption choice) is drawn from (seed, epoch, index) alone, so it is the same
+    whichever worker or rank decodes the sample, and a resumed run sees the same augmentations.
+    """
+
+    MAX_SKIPS = 100
+
+    def __init__(self, ds, tokenizer, image_column, caption_column, resolution, center_crop=False,
+                 random_flip=False, seed=0, root=None):
+        self.ds, self.tokenizer = ds, tokenizer
+        self.image_column, self.caption_column = image_column, caption_column
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.root, self.epoch = seed, root, 0
+
+    def set_epoch(self, epoch: int):
+        # Worker processes get a fresh copy of the dataset each epoch (no persistent workers), so this reaches them.
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, index):
+        for skipped in range(self.MAX_SKIPS):
+            i = (index + skipped) % len(self.ds)
+            rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+            row = self.ds[i]
+            try:
+                image = open_image(row[self.image_column], self.root)
+            except Exception:
+                continue
+            pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, rng)
+            return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng)),
+                    "skipped": int(skipped > 0)}
+        raise RuntimeError(f"{self.MAX_SKIPS} images in a row from index {index} are unreadable")
+
+    def tokenize(self, caption: str) -> torch.Tensor:
+        return self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids[0]
+
+
+def collate(samples):
+    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]).contiguous(),
+            "input_ids": torch.stack([s["input_ids"] for s in samples]),
+            "skipped": sum(s["skipped"] for s in samples)}
+
+
+def build_dataset(args, tokenizer, resolution: int, seed: int) -> ImageCaptionDataset:
+    source = load_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+    root = args.train_data_dir or (args.dataset_name if Path(args.dataset_name or "").is_dir() else None)
+    ds = select_columns(source, args.image_column, args.caption_column, args.max_train_samples, seed)
+    return ImageCaptionDataset(ds, tokenizer, args.image_column, args.caption_column, resolution,
+                               args.center_crop, args.random_flip, seed, root)

