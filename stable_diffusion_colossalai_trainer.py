@@ -12,10 +12,15 @@ import warnings
 
 
 def main(argv=None):
-    from colossal_sd.train import train
+    from colossal_sd.hub import go_offline_if_unreachable
     from parse_arguments import parse_args
 
-    train(parse_args(argv))
+    args = parse_args(argv)
+    go_offline_if_unreachable(args.pretrained_model_name_or_path, args.dataset_name)
+    quiet_libraries()
+    from colossal_sd.train import train
+
+    train(args)
 
 
 def quiet_libraries():
@@ -23,14 +28,16 @@ def quiet_libraries():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.amp")
+    warnings.filterwarnings("ignore", message=r"Please install")  # optional Colossal-AI kernels
+    warnings.filterwarnings("ignore", message=r"Grad strides do not match")  # 1x1 convs, harmless
     import logging
-    logging.getLogger("colossalai").setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    quiet_libraries()
     from colossal_sd.errors import exit_on_user_error
 
     exit_on_user_error(main)

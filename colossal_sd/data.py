@@ -12,8 +12,10 @@ from torchvision.transforms import functional as TF
 
 from colossal_sd import embedded
 from colossal_sd.errors import UserError
+from colossal_sd.hub import load_failure
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
@@ -27,6 +29,9 @@ def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None
     if train_data_dir is not None:
         if not Path(train_data_dir).is_dir():
             raise UserError(f"--train_data_dir '{train_data_dir}' is not a directory")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(train_data_dir).rglob("*")):
+            raise UserError(f"--train_data_dir '{train_data_dir}' holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return _train_split(_load(datasets.load_dataset, "imagefolder", data_dir=train_data_dir,
                                   cache_dir=cache_dir), train_data_dir)
     if embedded.is_embedded(dataset_name):
@@ -51,10 +56,8 @@ def _load(loader, *args, **kwargs):
     try:
         return loader(*args, **kwargs)
     except Exception as e:  # datasets raises many types for "not there" / "offline"
-        what = args[0] if args else kwargs
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load dataset '{what}': {first_line} "
-                        "(check the name or path; hub datasets need network access)") from None
+        what = kwargs.get("data_dir") or kwargs.get("data_files") or args[0]
+        raise UserError(load_failure("dataset", what, e, "local dataset path")) from None
 
 
 def _train_split(ds, name):

@@ -20,3 +20,9 @@ def exit_on_user_error(main, *args, **kwargs):
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def first_line(e: BaseException) -> str:
+    """The gist of a library's exception, for a one-line message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

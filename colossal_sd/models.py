@@ -7,6 +7,7 @@ import torch
 
 from colossal_sd import embedded
 from colossal_sd.errors import UserError
+from colossal_sd.hub import load_failure
 
 
 @dataclass
@@ -60,9 +61,8 @@ def load_parts(args) -> StableDiffusionParts:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model '{args.pretrained_model_name_or_path}': {first_line} "
-                        "(give a local diffusers directory, or a hub id with network access)") from None
+        raise UserError(load_failure("model", args.pretrained_model_name_or_path, e,
+                                     "local diffusers pipeline directory")) from None
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler)

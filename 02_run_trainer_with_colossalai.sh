@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Full UNet fine-tune with the Colossal-AI booster.
+#   bash 02_run_trainer_with_colossalai.sh                      # embedded tiny model + emoji data, offline
+#   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 DATASET_NAME=lambdalabs/naruto-blip-captions \
+#     NPROC=8 BATCH_SIZE=4 bash 02_run_trainer_with_colossalai.sh --mixed_precision fp16
+set -euo pipefail
+source "$(dirname "$0")/colossal_sd/launch.sh"
+PLUGIN="${PLUGIN:-auto}"
+if [ "$PLUGIN" = auto ]; then
+    if "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+        PLUGIN=gemini
+    else
+        PLUGIN=torch_ddp
+    fi
+    echo "plugin: auto -> $PLUGIN"
+else
+    echo "plugin: $PLUGIN"
+fi
+launch_trainer --plugin "$PLUGIN" --placement "$PLACEMENT" "$@"

@@ -1,0 +1,34 @@
+# Shared by the top-level run scripts: environment variables -> torchrun -> the trainer.
+# Source it, then call `launch_trainer <trainer flags>`; the script's own arguments ("$@") go last and win.
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+
+# The original README spelled it `dataset_name`; accept both.
+DATASET_NAME="${DATASET_NAME:-${dataset_name:-}}"
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/sd-finetuned}"
+NPROC="${NPROC:-1}"
+NNODES="${NNODES:-1}"
+PLACEMENT="${PLACEMENT:-cpu}"
+BATCH_SIZE="${BATCH_SIZE:-8}"
+MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-300}"
+
+launch_trainer() {
+    local flags=(--output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH_SIZE" --max_train_steps "$MAX_TRAIN_STEPS")
+    [ -n "${MODEL_NAME:-}" ] && flags+=(--pretrained_model_name_or_path "$MODEL_NAME")
+    [ -n "$DATASET_NAME" ] && flags+=(--dataset_name "$DATASET_NAME")
+    [ -n "${TRAIN_DATA_DIR:-}" ] && flags+=(--train_data_dir "$TRAIN_DATA_DIR")
+    [ -n "${RESOLUTION:-}" ] && flags+=(--resolution "$RESOLUTION")
+    [ -n "${MIXED_PRECISION:-}" ] && flags+=(--mixed_precision "$MIXED_PRECISION")
+
+    # One node: --standalone finds a free port. Several: c10d rendezvous at MASTER_ADDR:MASTER_PORT.
+    local rendezvous=(--standalone)
+    if [ "$NNODES" != 1 ]; then
+        rendezvous=(--nnodes "$NNODES" --rdzv_backend c10d
+                    --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR for a multi-node run}:${MASTER_PORT:-29500}"
+                    --rdzv_id "${RDZV_ID:-sd-colossalai}")
+    fi
+    # colossal_sd.launch is torchrun with the same arguments, minus its traceback when a worker fails.
+    cd "$HERE" && exec "$PYTHON" -m colossal_sd.launch "${rendezvous[@]}" --nproc_per_node "$NPROC" \
+        stable_diffusion_colossalai_trainer.py "${flags[@]}" "$@"
+}

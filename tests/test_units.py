@@ -1,0 +1,69 @@
+"""Fast checks of the pure parts: the embedded tokenizer, plugin and precision mapping, seeds, sharding."""
+
+import pytest
+import torch
+
+from colossal_sd import distributed, embedded, plugins
+from colossal_sd.errors import UserError
+
+
+def test_embedded_tokenizer_is_the_real_clip_bpe():
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(embedded.resolve(embedded.EMBEDDED_MODEL), subfolder="tokenizer")
+    # OpenAI CLIP's ids for this sentence
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.model_max_length == 77
+
+
+def test_embedded_dataset_is_a_captioned_imagefolder():
+    import json
+    from pathlib import Path
+    folder = Path(embedded.resolve(embedded.EMBEDDED_DATASET))
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) > 1000
+    assert all((folder / r["file_name"]).exists() and r["text"].startswith("an emoji of ") for r in rows[:50])
+
+
+@pytest.mark.parametrize("plugin,cuda,expected", [("auto", True, "gemini"), ("auto", False, "torch_ddp"),
+                                                  ("low_level_zero", True, "low_level_zero")])
+def test_auto_plugin(plugin, cuda, expected):
+    assert plugins.resolve_plugin(plugin, cuda) == expected
+
+
+@pytest.mark.parametrize("plugin,flag,expected", [
+    ("gemini", None, "fp16"), ("gemini", "bf16", "bf16"), ("torch_ddp_fp16", None, "fp16"),
+    ("torch_ddp", None, "no"), ("none", "fp16", "fp16"), ("low_level_zero", "no", "no")])
+def test_precision_defaults(plugin, flag, expected):
+    assert plugins.resolve_precision(plugin, flag) == expected
+
+
+def test_gemini_refuses_fp32():
+    with pytest.raises(UserError, match="fp16 or bf16"):
+        plugins.resolve_precision("gemini", "no")
+
+
+@pytest.mark.parametrize("placement,expected", [
+    ("cuda", {"placement_policy": "static", "offload_optim_frac": 0.0}),
+    ("cpu", {"placement_policy": "static", "offload_optim_frac": 1.0, "pin_memory": True}),
+    ("auto", {"placement_policy": "auto"})])
+def test_gemini_placement_matches_the_050_api(placement, expected):
+    import inspect
+    from colossalai.booster.plugin import GeminiPlugin
+    mapping = plugins.gemini_placement(placement)
+    assert mapping == expected
+    assert set(mapping) <= set(inspect.signature(GeminiPlugin.__init__).parameters)
+
+
+def test_rank_seeds_differ_and_repeat():
+    seeds = [distributed.rank_seed(42, r) for r in range(4)]
+    assert len(set(seeds)) == 4
+    assert seeds == [distributed.rank_seed(42, r) for r in range(4)]
+
+
+def test_ranks_get_disjoint_shards():
+    engine = [plugins.Engine("none", "no", distributed.DistInfo(r, r, 2, torch.device("cpu")), 1.0)
+              for r in range(2)]
+    dataset = list(range(10))
+    shards = [[int(i) for b in e.prepare_dataloader(dataset, 2, 0, 0, torch.tensor) for i in b] for e in engine]
+    assert sorted(shards[0] + shards[1]) == dataset
+    assert not set(shards[0]) & set(shards[1])
