@@ -30,7 +30,7 @@ def test_local_pipeline_and_awkward_imagefolder_with_two_processes(tmp_path, emb
     model = shutil.copytree(embedded_home / "tiny-sd", tmp_path / "my-sd")
     good, bad = awkward_images()
     captions = {name: [f"a picture called {name}", "another caption"] for name in good}
-    captions.update({name: "unreadable" for name in bad})
+    captions.update({name: ["unreadable"] for name in bad})
     data = write_imagefolder(tmp_path / "data", {**good, **bad}, captions)
     out = tmp_path / "out"
     proc = run_trainer("--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", out,
