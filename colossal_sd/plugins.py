@@ -17,7 +17,7 @@ Booster's own ``mixed_precision`` argument is used only for torch_ddp_fp16: it n
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -69,7 +69,6 @@ class Engine:
     scaler: Optional[torch.amp.GradScaler] = None
     _autocast_dtype: Optional[torch.dtype] = None
     _clip_in_plugin: bool = False
-    _ddp_model: object = field(default=None, repr=False)
 
     @property
     def compute_dtype(self) -> torch.dtype:
