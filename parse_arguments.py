@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Multiply the lr by batch size x accumulation steps x processes.")
     train.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
     train.add_argument("--lr_warmup_steps", type=int, default=500)
+    train.add_argument("--use_8bit_adam", action="store_true",
+                       help="bitsandbytes' 8-bit AdamW (CUDA; torch_ddp, torch_ddp_fp16 or none).")
     train.add_argument("--adam_beta1", type=float, default=0.9)
     train.add_argument("--adam_beta2", type=float, default=0.999)
     train.add_argument("--adam_weight_decay", type=float, default=1e-2)
@@ -90,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--placement", default="cpu", choices=("cuda", "cpu", "auto"),
                       help="Gemini placement: cuda keeps everything on the GPU, cpu offloads the optimizer "
                            "state, auto lets Gemini decide.")
+    dist.add_argument("--offload_optim_frac", type=float, default=None,
+                      help="Gemini with --placement cpu: share of the optimizer state kept on the CPU. Default 1.0.")
+    dist.add_argument("--offload_param_frac", type=float, default=None,
+                      help="Gemini with --placement cpu: share of the fp16 parameters kept on the CPU as well "
+                           "(needs --offload_optim_frac 1.0). Default 0.0.")
+    dist.add_argument("--gemini_search_range_m", type=int, default=32,
+                      help="Gemini: range in MiB searched for the chunk size that wastes least memory.")
+    dist.add_argument("--gemini_min_chunk_size_m", type=float, default=32,
+                      help="Gemini: smallest chunk, in MiB.")
+    dist.add_argument("--gemini_max_prefetch", type=int, default=0,
+                      help="Gemini: chunks fetched ahead of use, to overlap host-device copies with compute.")
+    dist.add_argument("--gemini_async_reduce", action=argparse.BooleanOptionalAction, default=True,
+                      help="Gemini: reduce gradients on a side CUDA stream.")
+    dist.add_argument("--zero_stage", type=int, default=None, choices=(1, 2),
+                      help="low_level_zero: 1 shards the optimizer state, 2 also the gradients. Default 2.")
+    dist.add_argument("--cpu_offload", action="store_true",
+                      help="low_level_zero: keep master weights, gradients and optimizer state on the CPU "
+                           "(Colossal-AI's HybridAdam steps them there).")
     return p
 
 
@@ -108,6 +128,10 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{flag} must be at least 1")
     if args.dataloader_num_workers < 0:
         raise UserError("--dataloader_num_workers cannot be negative")
+    for flag in ("offload_optim_frac", "offload_param_frac"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 1:
+            raise UserError(f"--{flag} is a fraction between 0 and 1")
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
                         "or use --plugin torch_ddp")

@@ -10,6 +10,9 @@ precision, accumulation and clipping, is decided here and nowhere else.
     gemini           | refused       | GeminiPlugin(precision=fp16)  | GeminiPlugin(precision=bf16)
     low_level_zero   | fp32 ZeRO     | LowLevelZeroPlugin(fp16)      | LowLevelZeroPlugin(bf16)
 
+Gemini and LowLevelZero keep fp32 master weights, scale the fp16 loss and clip inside their optimizer wrappers;
+the torch paths keep fp32 weights, autocast the UNet and scale the fp16 loss with a GradScaler.
+
 Booster's own ``mixed_precision`` argument is used only for torch_ddp_fp16: it needs CUDA in Colossal-AI
 0.5.0, and its bf16 class is abstract, so the other torch paths autocast themselves.
 """
@@ -65,6 +68,7 @@ class Engine:
     precision: str
     dist: DistInfo
     max_grad_norm: float
+    optimizer_kind: str = "adamw"
     booster: object = None  # colossalai Booster, or None for plain DDP
     scaler: Optional[torch.amp.GradScaler] = None
     _autocast_dtype: Optional[torch.dtype] = None
@@ -89,9 +93,12 @@ class Engine:
 
     # -- model and optimizer
     def make_optimizer(self, params, lr, betas, weight_decay, eps):
-        if self.plugin == "gemini":
+        if self.optimizer_kind == "hybrid_adam":
             from colossalai.nn.optimizer import HybridAdam
             return HybridAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
+        if self.optimizer_kind == "adamw_8bit":
+            import bitsandbytes
+            return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
         fused = self.dist.device.type == "cuda" and self.plugin != "low_level_zero"
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                                  **({"fused": True} if fused else {"foreach": True}))
@@ -183,37 +190,86 @@ def build_engine(args, dist: DistInfo) -> Engine:
     plugin = resolve_plugin(args.plugin, cuda)
     precision = resolve_precision(plugin, args.mixed_precision)
     check_device(plugin, cuda, args.enable_xformers_memory_efficient_attention)
-    engine = Engine(plugin, precision, dist, args.max_grad_norm)
+    check_plugin_flags(plugin, args)
+    engine = Engine(plugin, precision, dist, args.max_grad_norm,
+                    optimizer_kind=choose_optimizer(plugin, cuda, args.use_8bit_adam, args.cpu_offload))
     if plugin in ("none", "torch_ddp") and precision != "no":
         engine._autocast_dtype = DTYPES[precision]
         if precision == "fp16":
             engine.scaler = torch.amp.GradScaler(dist.device.type)
     if plugin != "none":
-        engine.booster, engine._clip_in_plugin = _make_booster(plugin, precision, args)
+        engine.booster = _make_booster(plugin, precision, args)
+        engine._clip_in_plugin = plugin in ("gemini", "low_level_zero")
     return engine
 
 
 def _make_booster(plugin: str, precision: str, args):
-    from colossalai.booster import Booster
-    from colossalai.booster.plugin import GeminiPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+    from colossalai import booster
+    class_name, kwargs = booster_plugin_spec(plugin, precision, args)
+    mixed_precision = "fp16" if plugin == "torch_ddp_fp16" else None
+    return booster.Booster(plugin=getattr(booster.plugin, class_name)(**kwargs), mixed_precision=mixed_precision)
 
-    if plugin == "torch_ddp":
-        return Booster(plugin=TorchDDPPlugin()), False
-    if plugin == "torch_ddp_fp16":
-        return Booster(plugin=TorchDDPPlugin(), mixed_precision="fp16"), False
+
+def booster_plugin_spec(plugin: str, precision: str, args) -> tuple:
+    """The Colossal-AI plugin class name and its keyword arguments for our flags."""
+    if plugin in ("torch_ddp", "torch_ddp_fp16"):
+        return "TorchDDPPlugin", {}
     if plugin == "low_level_zero":
-        llz_precision = "fp32" if precision == "no" else precision
-        return Booster(plugin=LowLevelZeroPlugin(stage=2, precision=llz_precision,
-                                                 max_norm=args.max_grad_norm)), True
-    return Booster(plugin=GeminiPlugin(precision=precision, max_norm=args.max_grad_norm,
-                                       enable_gradient_accumulation=args.gradient_accumulation_steps > 1,
-                                       **gemini_placement(args.placement))), True
+        return "LowLevelZeroPlugin", {"stage": args.zero_stage or 2,
+                                      "precision": "fp32" if precision == "no" else precision,
+                                      "max_norm": args.max_grad_norm, "cpu_offload": args.cpu_offload}
+    return "GeminiPlugin", {"precision": precision, "max_norm": args.max_grad_norm,
+                            # without it Gemini steps its chunks on every backward, not once per group
+                            "enable_gradient_accumulation": args.gradient_accumulation_steps > 1,
+                            "search_range_m": args.gemini_search_range_m,
+                            "min_chunk_size_m": args.gemini_min_chunk_size_m,
+                            "max_prefetch": args.gemini_max_prefetch,
+                            "enable_async_reduce": args.gemini_async_reduce,
+                            **gemini_placement(args.placement, args.offload_optim_frac, args.offload_param_frac)}
 
 
-def gemini_placement(placement: str) -> dict:
-    """--placement in Gemini's 0.5.0 terms."""
+def gemini_placement(placement: str, offload_optim_frac=None, offload_param_frac=None) -> dict:
+    """--placement in Gemini's 0.5.0 terms. The offload fractions refine `cpu`, the only placement they mean anything to."""
+    if placement != "cpu" and (offload_optim_frac is not None or offload_param_frac is not None):
+        raise UserError(f"--offload_optim_frac and --offload_param_frac refine --placement cpu; "
+                        f"--placement {placement} decides placement itself")
     if placement == "auto":
         return {"placement_policy": "auto"}
-    if placement == "cpu":
-        return {"placement_policy": "static", "offload_optim_frac": 1.0, "pin_memory": True}
-    return {"placement_policy": "static", "offload_optim_frac": 0.0}
+    if placement == "cuda":
+        return {"placement_policy": "static", "offload_optim_frac": 0.0, "offload_param_frac": 0.0}
+    optim = 1.0 if offload_optim_frac is None else offload_optim_frac
+    param = offload_param_frac or 0.0
+    if param > 0 and optim != 1.0:
+        # Gemini silently ignores parameter offload unless all optimizer state is offloaded
+        raise UserError("--offload_param_frac needs the whole optimizer state on the CPU: "
+                        "use --offload_optim_frac 1.0 (the default)")
+    return {"placement_policy": "static", "offload_optim_frac": optim, "offload_param_frac": param,
+            "pin_memory": True}
+
+
+PLUGIN_ONLY_FLAGS = {
+    "low_level_zero": ("zero_stage", "cpu_offload"),
+    "gemini": ("offload_optim_frac", "offload_param_frac"),
+}
+
+
+def check_plugin_flags(plugin: str, args):
+    """A plugin's own flag given to another plugin would do nothing: say so instead."""
+    for owner, flags in PLUGIN_ONLY_FLAGS.items():
+        for flag in flags:
+            if owner != plugin and getattr(args, flag) not in (None, False):
+                raise UserError(f"--{flag} applies to --plugin {owner} only (this run uses {plugin})")
+
+
+def choose_optimizer(plugin: str, cuda: bool, use_8bit_adam: bool, cpu_offload: bool) -> str:
+    """adamw (torch, fused on CUDA), hybrid_adam (Colossal-AI's CPU/GPU Adam) or adamw_8bit (bitsandbytes)."""
+    if use_8bit_adam:
+        if plugin not in ("none", "torch_ddp", "torch_ddp_fp16"):
+            raise UserError(f"--use_8bit_adam works with --plugin torch_ddp, torch_ddp_fp16 or none, not {plugin} "
+                            "(it shards or offloads its own optimizer state)")
+        if not cuda:
+            raise UserError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop it on CPU")
+        return "adamw_8bit"
+    if plugin == "gemini" or (plugin == "low_level_zero" and cpu_offload):
+        return "hybrid_adam"
+    return "adamw"

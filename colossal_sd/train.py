@@ -74,6 +74,7 @@ def _train(args, info):
         dataset.set_epoch(epoch)
         dataloader.sampler.set_epoch(epoch)
         for micro_step, batch in enumerate(dataloader):
+            accumulation = _group_size(micro_step, args.gradient_accumulation_steps, len(dataloader))
             sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == len(dataloader)
             with engine.no_sync(unet, optimizer, sync):
                 latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
@@ -81,7 +82,7 @@ def _train(args, info):
                                                     generator)
                 with engine.autocast():
                     loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator)
-                engine.backward(loss / args.gradient_accumulation_steps, optimizer)
+                engine.backward(loss / accumulation, optimizer)
             window.add(loss.detach(), len(batch["pixel_values"]))
             skipped += batch["skipped"]
             if not sync:
@@ -106,6 +107,13 @@ def _train(args, info):
         tracker.info(f"saved the pipeline to {args.output_dir}")
     distributed.barrier()
     tracker.close()
+
+
+def _group_size(micro_step, accumulation_steps, micro_steps_per_epoch):
+    """Micro-batches in this one's accumulation group: the epoch's last group may be short, and its mean loss
+    must not be scaled down for that."""
+    group_start = micro_step - micro_step % accumulation_steps
+    return min(accumulation_steps, micro_steps_per_epoch - group_start)
 
 
 def _logging_dir(args):

@@ -16,6 +16,8 @@ CASES = {
     "gemini on CPU": (["--plugin", "gemini"], "needs a CUDA GPU"),
     "low_level_zero on CPU": (["--plugin", "low_level_zero"], "needs a CUDA GPU"),
     "torch_ddp_fp16 on CPU": (["--plugin", "torch_ddp_fp16"], "needs a CUDA GPU"),
+    "8-bit Adam on CPU": (["--use_8bit_adam"], "--use_8bit_adam needs a CUDA GPU"),
+    "ZeRO flag for another plugin": (["--plugin", "torch_ddp", "--cpu_offload"], "applies to --plugin low_level_zero"),
     "xformers on CPU": (["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
     "dataset and train_data_dir": (["--dataset_name", "a", "--train_data_dir", "b"], "not both"),
     "torch_ddp_fp16 with bf16": (["--plugin", "torch_ddp_fp16", "--mixed_precision", "bf16"], "trains in fp16"),

@@ -1,10 +1,8 @@
-"""Fast checks of the pure parts: the embedded tokenizer, plugin and precision mapping, seeds, sharding."""
+"""Fast checks of the pure parts: the embedded tokenizer and dataset, seeds, sharding."""
 
-import pytest
 import torch
 
 from colossal_sd import distributed, embedded, plugins
-from colossal_sd.errors import UserError
 
 
 def test_embedded_tokenizer_is_the_real_clip_bpe():
@@ -22,36 +20,6 @@ def test_embedded_dataset_is_a_captioned_imagefolder():
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert len(rows) > 1000
     assert all((folder / r["file_name"]).exists() and r["text"].startswith("an emoji of ") for r in rows[:50])
-
-
-@pytest.mark.parametrize("plugin,cuda,expected", [("auto", True, "gemini"), ("auto", False, "torch_ddp"),
-                                                  ("low_level_zero", True, "low_level_zero")])
-def test_auto_plugin(plugin, cuda, expected):
-    assert plugins.resolve_plugin(plugin, cuda) == expected
-
-
-@pytest.mark.parametrize("plugin,flag,expected", [
-    ("gemini", None, "fp16"), ("gemini", "bf16", "bf16"), ("torch_ddp_fp16", None, "fp16"),
-    ("torch_ddp", None, "no"), ("none", "fp16", "fp16"), ("low_level_zero", "no", "no")])
-def test_precision_defaults(plugin, flag, expected):
-    assert plugins.resolve_precision(plugin, flag) == expected
-
-
-def test_gemini_refuses_fp32():
-    with pytest.raises(UserError, match="fp16 or bf16"):
-        plugins.resolve_precision("gemini", "no")
-
-
-@pytest.mark.parametrize("placement,expected", [
-    ("cuda", {"placement_policy": "static", "offload_optim_frac": 0.0}),
-    ("cpu", {"placement_policy": "static", "offload_optim_frac": 1.0, "pin_memory": True}),
-    ("auto", {"placement_policy": "auto"})])
-def test_gemini_placement_matches_the_050_api(placement, expected):
-    import inspect
-    from colossalai.booster.plugin import GeminiPlugin
-    mapping = plugins.gemini_placement(placement)
-    assert mapping == expected
-    assert set(mapping) <= set(inspect.signature(GeminiPlugin.__init__).parameters)
 
 
 def test_rank_seeds_differ_and_repeat():
