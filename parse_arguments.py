@@ -9,6 +9,7 @@ import argparse
 
 from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
+from colossal_sd.single_file import is_single_file
 
 PLUGINS = ("auto", "torch_ddp", "torch_ddp_fp16", "gemini", "low_level_zero", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -23,6 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--pretrained_model_name_or_path", default=EMBEDDED_MODEL,
                        help=f"Diffusers pipeline directory or hub id. '{EMBEDDED_MODEL}' is a tiny built-in model "
                             "that needs no network.")
+    model.add_argument("--single_file_config", default=None,
+                       help="With a single-file base model (.safetensors/.ckpt): the diffusers pipeline directory "
+                            "or hub id whose configs, tokenizer and scheduler go with it. Default: the one "
+                            "diffusers associates with the file (SD 1.5 for SD 1.x), from the local cache.")
+    model.add_argument("--allow_unsafe_pickle", action="store_true",
+                       help="Load a .ckpt base model even if it holds more than tensors (unpickling it can run "
+                            "code: only for files you trust).")
     model.add_argument("--revision", default=None, help="Hub revision of the pretrained model.")
     model.add_argument("--variant", default=None, help="Weight variant of the pretrained model, e.g. 'fp16'.")
     model.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
@@ -52,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="sd-model-finetuned", help="Where the trained pipeline goes.")
+    train.add_argument("--save_single_file", action="store_true",
+                       help="Also write output_dir/<output_dir name>.safetensors: UNet, VAE and text encoder in "
+                            "the original Stable Diffusion layout that AUTOMATIC1111 and ComfyUI load.")
     train.add_argument("--seed", type=int, default=None, help="Seed for a reproducible run.")
     train.add_argument("--train_batch_size", type=int, default=16, help="Batch size per process.")
     train.add_argument("--num_train_epochs", type=int, default=100)
@@ -135,6 +146,11 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
                         "or use --plugin torch_ddp")
+    if args.single_file_config and not is_single_file(args.pretrained_model_name_or_path):
+        raise UserError("--single_file_config goes with a single-file --pretrained_model_name_or_path "
+                        "(.safetensors or .ckpt); drop it for a diffusers directory or hub id")
+    if args.allow_unsafe_pickle and not args.pretrained_model_name_or_path.lower().endswith(".ckpt"):
+        raise UserError("--allow_unsafe_pickle only applies to a .ckpt --pretrained_model_name_or_path; drop it")
     return args
 
 

@@ -16,7 +16,7 @@ def main(argv=None):
     from parse_arguments import parse_args
 
     args = parse_args(argv)
-    go_offline_if_unreachable(args.pretrained_model_name_or_path, args.dataset_name)
+    go_offline_if_unreachable(args.pretrained_model_name_or_path, args.dataset_name, args.single_file_config)
     quiet_libraries()
     from colossal_sd.train import train
 

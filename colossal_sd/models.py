@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from colossal_sd import embedded
+from colossal_sd import embedded, single_file
 from colossal_sd.errors import UserError
 from colossal_sd.hub import load_failure
 
@@ -51,14 +51,21 @@ def load_parts(args) -> StableDiffusionParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = resolve_model_source(args.pretrained_model_name_or_path)
+    if single_file.is_single_file(args.pretrained_model_name_or_path):
+        checkpoint, source = single_file.open_base_model(args)
+    else:
+        checkpoint, source = None, resolve_model_source(args.pretrained_model_name_or_path)
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant,
-                                                     **common)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
+        if checkpoint is not None:
+            text_encoder, vae, unet = single_file.build_models(checkpoint, source, args.pretrained_model_name_or_path,
+                                                               common)
+        else:
+            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant,
+                                                         **common)
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
     except (OSError, ValueError, EnvironmentError) as e:
         raise UserError(load_failure("model", args.pretrained_model_name_or_path, e,

@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, models, plugins, saving
+from colossal_sd import data, distributed, models, plugins, saving, single_file
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import noise_prediction_loss
 from colossal_sd.tracking import Tracker
@@ -105,6 +105,8 @@ def _train(args, info):
     if info.is_main:
         saving.save_pipeline(args.output_dir, parts, state, args)
         tracker.info(f"saved the pipeline to {args.output_dir}")
+        if args.save_single_file:
+            tracker.info(f"saved the single-file checkpoint {single_file.save_single_file(args.output_dir)}")
     distributed.barrier()
     tracker.close()
 
