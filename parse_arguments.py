@@ -6,6 +6,7 @@ traceback).
 """
 
 import argparse
+import os
 
 from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
@@ -22,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=EMBEDDED_MODEL,
-                       help=f"Diffusers pipeline directory or hub id. '{EMBEDDED_MODEL}' is a tiny built-in model "
-                            "that needs no network.")
+                       help=f"Diffusers pipeline directory or hub id, or a single-file .safetensors/.ckpt "
+                            f"checkpoint. '{EMBEDDED_MODEL}' is a tiny built-in model that needs no network.")
     model.add_argument("--single_file_config", default=None,
                        help="With a single-file base model (.safetensors/.ckpt): the diffusers pipeline directory "
                             "or hub id whose configs, tokenizer and scheduler go with it. Default: the one "
@@ -146,6 +147,9 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
                         "or use --plugin torch_ddp")
+    if is_single_file(args.pretrained_model_name_or_path) and not os.path.isfile(
+            os.path.expanduser(args.pretrained_model_name_or_path)):
+        raise UserError(f"--pretrained_model_name_or_path '{args.pretrained_model_name_or_path}' does not exist")
     if args.single_file_config and not is_single_file(args.pretrained_model_name_or_path):
         raise UserError("--single_file_config goes with a single-file --pretrained_model_name_or_path "
                         "(.safetensors or .ckpt); drop it for a diffusers directory or hub id")

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -18,6 +19,7 @@ class StableDiffusionParts:
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: object
+    single_file: Optional[str] = None  # the single-file checkpoint the weights came from, if any
 
     @property
     def vae_scale_factor(self) -> int:
@@ -72,7 +74,8 @@ def load_parts(args) -> StableDiffusionParts:
                                      "local diffusers pipeline directory")) from None
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler,
+                                single_file=args.pretrained_model_name_or_path if checkpoint is not None else None)
 
 
 def check_resolution(parts: StableDiffusionParts, resolution):

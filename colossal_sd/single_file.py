@@ -178,8 +178,6 @@ def save_single_file(pipeline_folder, target=None) -> Path:
 def read_checkpoint(path, allow_unsafe_pickle=False) -> dict:
     """The file's tensors. A pickle is read with weights_only=True unless the user trusts it explicitly."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"--pretrained_model_name_or_path '{path}' does not exist")
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
         try:

@@ -1,0 +1,161 @@
+"""Single-file checkpoints: export in the original SD layout, train from one, never run a .ckpt's code."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import FAST, run_trainer, unet_weights
+from test_bad_input import assert_one_line_error
+
+from colossal_sd import single_file
+from colossal_sd.embedded import EMBEDDED_MODEL
+from colossal_sd.errors import UserError
+
+MODELS = ("unet", "vae", "text_encoder")
+
+
+class PlantedCode:
+    """Unpickling this creates a marker file: what a malicious .ckpt would do, harmlessly."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def configs_only(pipeline: Path, target: Path) -> Path:
+    """What diffusers' from_single_file caches of a hub pipeline: configs and tokenizer, no weights. Its
+    model_index.json names a safety checker, as SD 1.5's does."""
+    shutil.copytree(pipeline, target, ignore=shutil.ignore_patterns("*.safetensors"))
+    index = json.loads((target / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (target / "model_index.json").write_text(json.dumps(index))
+    return target
+
+
+def assert_same_models(a, b):
+    for name in MODELS:
+        left, right = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert left.keys() == right.keys(), name
+        for key in left:
+            assert torch.equal(left[key], right[key]), f"{name}.{key}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One full fine-tune of the embedded model that also writes the single file."""
+    out = tmp_path_factory.mktemp("single") / "my-model"
+    proc = run_trainer(*FAST, "--save_single_file", "--output_dir", out)
+    return out, proc.stdout + proc.stderr
+
+
+def test_single_file_is_written_atomically_in_the_original_layout(trained):
+    out, log = trained
+    path = out / "my-model.safetensors"
+    assert f"saved the single-file checkpoint {path}" in log
+    assert not list(out.glob(".tmp-*"))
+    weights = load_file(path)
+    prefixes = {key.split(".")[0] for key in weights}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in weights
+    assert weights["first_stage_model.encoder.mid.attn_1.q.weight"].dim() == 4  # a 1x1 conv in LDM
+    assert all(w.dtype == torch.float32 for w in weights.values())  # the saved pipeline's precision
+
+
+def test_diffusers_from_single_file_gives_back_the_saved_pipeline(trained):
+    from diffusers import StableDiffusionPipeline
+
+    out, _ = trained
+    saved = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    reloaded = StableDiffusionPipeline.from_single_file(str(out / "my-model.safetensors"), config=str(out),
+                                                        local_files_only=True)
+    assert_same_models(saved, reloaded)
+
+
+def test_training_from_a_single_file_matches_training_from_the_directory(trained, tmp_path, embedded_home):
+    """Same weights, seed and data: a .safetensors base model trains to the very same UNet as the directory."""
+    out, _ = trained
+    base = single_file.save_single_file(embedded_home / "tiny-sd", tmp_path / "tiny.safetensors")
+    run_trainer(*FAST, "--pretrained_model_name_or_path", base, "--single_file_config", EMBEDDED_MODEL,
+                "--output_dir", tmp_path / "out")
+    expected, got = unet_weights(out), unet_weights(tmp_path / "out")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_ckpt_that_runs_code_is_refused_unless_allowed(tmp_path, embedded_home):
+    from diffusers import StableDiffusionPipeline
+
+    marker = tmp_path / "code-ran"
+    tiny = embedded_home / "tiny-sd"
+    ldm = load_file(single_file.save_single_file(tiny, tmp_path / "tiny.safetensors"))
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": ldm, "callbacks": PlantedCode(marker)}, ckpt)
+    config = configs_only(tiny, tmp_path / "configs")
+    args = ["--pretrained_model_name_or_path", ckpt, "--single_file_config", config, *FAST]
+
+    proc = run_trainer(*args, "--output_dir", tmp_path / "refused", check=False, timeout=180)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--allow_unsafe_pickle")
+    assert not marker.exists()
+
+    run_trainer(*args, "--max_train_steps", "1", "--allow_unsafe_pickle", "--output_dir", tmp_path / "allowed")
+    assert marker.exists()
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path / "allowed", local_files_only=True)
+    base = StableDiffusionPipeline.from_pretrained(tiny, local_files_only=True)
+    for name in ("vae", "text_encoder"):  # frozen: exactly the file's weights
+        assert all(torch.equal(v, getattr(base, name).state_dict()[k])
+                   for k, v in getattr(saved, name).state_dict().items())
+
+
+def test_a_plain_ckpt_loads_with_weights_only(tmp_path):
+    weights = {"model.diffusion_model.out.2.bias": torch.arange(4.0)}
+    torch.save({"state_dict": weights, "global_step": 3}, tmp_path / "plain.ckpt")
+    loaded = single_file.read_checkpoint(tmp_path / "plain.ckpt")
+    assert loaded.keys() == weights.keys() and torch.equal(loaded["model.diffusion_model.out.2.bias"], torch.arange(4.0))
+
+
+def test_without_a_config_the_guess_comes_from_the_local_cache_only(tmp_path):
+    from argparse import Namespace
+
+    args = Namespace(single_file_config=None, cache_dir=str(tmp_path), pretrained_model_name_or_path="sd.safetensors")
+    with pytest.raises(UserError, match="pass --single_file_config .*stable-diffusion-v1-5"):
+        single_file.config_source(args, {})
+
+
+def test_layout_for_sd1_block_structure_is_the_one_diffusers_reads():
+    """SD 1.x's structure (4 levels, 2 layers each, attention in the first three) at toy width: diffusers' own
+    reader of original checkpoints maps every exported tensor back to where it came from, and so does ours."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    ldm = single_file.to_ldm({"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": {}},
+                             unet.config, vae.config)
+    for model, converted in ((unet, convert_ldm_unet_checkpoint(ldm, dict(unet.config))),
+                             (vae, convert_ldm_vae_checkpoint(ldm, dict(vae.config)))):
+        original = model.state_dict()
+        assert converted.keys() == original.keys()
+        assert all(torch.equal(converted[k].reshape(original[k].shape), original[k]) for k in original)
+    for model, (name, prefix, modules) in zip((unet, vae), single_file._components(unet.config, vae.config)):
+        copy = type(model).from_config(model.config)
+        single_file.from_ldm(copy, ldm, prefix, modules, name, "toy")
+        assert all(torch.equal(copy.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--single_file_config", "x"], "goes with a single-file"),
+    (["--allow_unsafe_pickle"], "only applies to a .ckpt"),
+    (["--pretrained_model_name_or_path", "/no/such/model.safetensors"], "does not exist"),
+])
+def test_single_file_flags_misused_are_one_clear_line(args, expected, tmp_path):
+    proc = run_trainer(*args, "--output_dir", tmp_path / "out", check=False, timeout=180)
+    assert_one_line_error(proc, expected)
