@@ -19,7 +19,9 @@ from pathlib import Path
 from colossal_sd.errors import UserError, first_line
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-UNET_PREFIX, VAE_PREFIX, TEXT_ENCODER_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_ENCODER_PREFIX = "cond_stage_model.transformer."
 
 # Inside a residual block, diffusers' sub-module names -> the LDM ones.
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",

@@ -117,7 +117,8 @@ def test_a_plain_ckpt_loads_with_weights_only(tmp_path):
     weights = {"model.diffusion_model.out.2.bias": torch.arange(4.0)}
     torch.save({"state_dict": weights, "global_step": 3}, tmp_path / "plain.ckpt")
     loaded = single_file.read_checkpoint(tmp_path / "plain.ckpt")
-    assert loaded.keys() == weights.keys() and torch.equal(loaded["model.diffusion_model.out.2.bias"], torch.arange(4.0))
+    assert loaded.keys() == weights.keys()
+    assert torch.equal(loaded["model.diffusion_model.out.2.bias"], torch.arange(4.0))
 
 
 def test_without_a_config_the_guess_comes_from_the_local_cache_only(tmp_path):
