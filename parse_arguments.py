@@ -92,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (CUDA only). PyTorch SDPA is used otherwise.")
 
+    ckpt = p.add_argument_group("checkpoints")
+    ckpt.add_argument("--checkpointing_steps", type=int, default=500,
+                      help="Write output_dir/checkpoint-<step>/ every N optimizer steps (resumable; its unet/ "
+                           "loads with diffusers).")
+    ckpt.add_argument("--checkpoints_total_limit", type=int, default=None,
+                      help="Keep only the newest N checkpoints; older ones are deleted once a new one is complete.")
+    ckpt.add_argument("--resume_from_checkpoint", default=None,
+                      help="'latest' (the newest complete checkpoint in --output_dir; none: start fresh), "
+                           "a checkpoint-<step> name in --output_dir, or a checkpoint path.")
+    ckpt.add_argument("--stop_after_steps", type=int, default=None,
+                      help="Write a checkpoint and exit 0 after N optimizer steps of this invocation, e.g. to "
+                           "fit a cluster job's time limit; chain jobs with --resume_from_checkpoint latest.")
+
     log = p.add_argument_group("logging")
     log.add_argument("--logging_dir", default="logs", help="TensorBoard directory, relative to --output_dir.")
     log.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
@@ -134,7 +147,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1")
-    for flag in ("max_train_steps", "max_train_samples", "resolution"):
+    for flag in ("max_train_steps", "max_train_samples", "resolution", "checkpointing_steps",
+                 "checkpoints_total_limit", "stop_after_steps"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1")

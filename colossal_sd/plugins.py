@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from colossal_sd.data_position import ResumableSampler
 from colossal_sd.distributed import DistInfo
 from colossal_sd.errors import UserError
 
@@ -82,7 +83,7 @@ class Engine:
     # -- data
     def prepare_dataloader(self, dataset, batch_size, seed, num_workers, collate_fn) -> DataLoader:
         pin = self.dist.device.type == "cuda"
-        sampler_cls = lambda ds, **kw: DistributedSampler(ds, seed=seed, **kw)  # noqa: E731
+        sampler_cls = lambda ds, **kw: ResumableSampler(ds, seed=seed, **kw)  # noqa: E731
         if self.booster is not None:
             return self.booster.plugin.prepare_dataloader(
                 dataset, batch_size, shuffle=True, seed=seed, pin_memory=pin, num_workers=num_workers,

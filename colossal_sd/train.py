@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_sd import data, distributed, models, plugins, saving, single_file
+from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import noise_prediction_loss
 from colossal_sd.tracking import Tracker
@@ -46,6 +47,7 @@ def _train(args, info):
     dataloader = engine.prepare_dataloader(dataset, args.train_batch_size, seed, args.dataloader_num_workers,
                                            data.collate)
 
+    batches_per_epoch = len(dataloader)  # the sampler shortens len(dataloader) in an epoch resumed midway
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
@@ -68,14 +70,19 @@ def _train(args, info):
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
-    global_step, skipped = 0, torch.zeros((), device=info.device)
+    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, log=tracker.info)
+    global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
+    tracker.step(global_step)
+    skipped, stopped = torch.zeros((), device=info.device), False
     window = _Window(info.device)
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         dataset.set_epoch(epoch)
         dataloader.sampler.set_epoch(epoch)
-        for micro_step, batch in enumerate(dataloader):
-            accumulation = _group_size(micro_step, args.gradient_accumulation_steps, len(dataloader))
-            sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == len(dataloader)
+        first = start_batch if epoch == start_epoch else 0
+        dataloader.sampler.skip(first * args.train_batch_size)
+        for micro_step, batch in enumerate(dataloader, start=first):
+            accumulation = _group_size(micro_step, args.gradient_accumulation_steps, batches_per_epoch)
+            sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == batches_per_epoch
             with engine.no_sync(unet, optimizer, sync):
                 latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
                                                     batch["input_ids"].to(info.device, non_blocking=True),
@@ -93,10 +100,15 @@ def _train(args, info):
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
                 tracker.scalars(global_step, window.flush(lr_scheduler.get_last_lr()[0], grad_norm))
-            if global_step >= max_steps:
+            stopped = checkpointer.after_step(global_step, epoch, micro_step + 1, generator, max_steps)
+            if global_step >= max_steps or stopped:
                 break
-        if global_step >= max_steps:
+        if global_step >= max_steps or stopped:
             break
+    checkpointer.close()
+    if stopped:
+        tracker.close()
+        return
 
     dist.all_reduce(skipped)
     if skipped.item():

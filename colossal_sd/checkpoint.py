@@ -1,0 +1,306 @@
+"""Training checkpoints: write one atomically, find the newest complete one, resume from it, keep the newest K.
+
+``output_dir/checkpoint-<step>/`` holds:
+
+    unet/                     the UNet in diffusers' layout: sample from it with
+                              UNet2DConditionModel.from_pretrained(output_dir, subfolder="checkpoint-<step>/unet");
+                              it is also the weights a resume loads
+    optimizer/                optimizer state through the booster, sharded (gemini, low_level_zero);
+                              optimizer.bin where every rank holds the same full state (torch_ddp, none)
+    lr_scheduler.pt, grad_scaler.pt, extra/<name>.pt
+    rng_states.pt             python, numpy, torch (CPU and CUDA) and noise-generator states, one per rank
+    training_state.json       global step, data position (epoch, batches done in it), processes, arguments
+    checkpoint_complete.json  written last: every file and its size
+
+All ranks write into ``.tmp-checkpoint-<step>`` (sharded plugins write their shards themselves; the output
+directory must be shared by all nodes), rank 0 adds the completion marker and renames the directory into
+place. A kill mid-write leaves only the hidden temp directory; a checkpoint without its marker, or whose
+files do not match it, is reported and skipped by ``latest``.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from colossal_sd.data_position import start_of
+from colossal_sd.distributed import barrier
+from colossal_sd.errors import UserError
+from colossal_sd.preemption import StopRequest, report_clean_stop
+
+MARKER = "checkpoint_complete.json"
+STATE = "training_state.json"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+SHARDED = ("gemini", "low_level_zero")  # plugins whose optimizer state is split across ranks
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_path(output_dir, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def all_checkpoints(output_dir) -> list:
+    """checkpoint-<step> directories, complete or not, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def problem(path: Path) -> Optional[str]:
+    """Why `path` is not a complete checkpoint, or None if it is."""
+    if not path.is_dir():
+        return "no such directory"
+    try:
+        files = json.loads((path / MARKER).read_text())["files"]
+    except FileNotFoundError:
+        return f"incomplete: no {MARKER} (its write was interrupted)"
+    except (ValueError, KeyError, TypeError):
+        return f"corrupt {MARKER}"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file() or file.stat().st_size != size:
+            return f"corrupt: {name} is missing or has the wrong size"
+    return None
+
+
+def find_latest(output_dir, log: Callable[[str], None]) -> Optional[Path]:
+    for path in reversed(all_checkpoints(output_dir)):
+        why = problem(path)
+        if why is None:
+            return path
+        log(f"skipping {path}: {why}")
+    return None
+
+
+def resolve_resume(value: Optional[str], output_dir, log: Callable[[str], None]) -> Optional[Path]:
+    """--resume_from_checkpoint: 'latest', a checkpoint-<step> name inside --output_dir, or a path."""
+    if value is None:
+        return None
+    if value == "latest":
+        path = find_latest(output_dir, log)
+        if path is None:
+            log(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}, starting fresh")
+        return path
+    path = Path(value)
+    if not path.exists() and _NAME.match(value):
+        path = Path(output_dir) / value
+    why = problem(path)
+    if why is not None:
+        raise UserError(f"--resume_from_checkpoint {value}: {why}")
+    return path
+
+
+def rotate(output_dir, keep: int, log: Callable[[str], None]):
+    """Delete all but the newest `keep` complete checkpoints (called once the newest one is complete)."""
+    complete = [p for p in all_checkpoints(output_dir) if problem(p) is None]
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"removed {old} (--checkpoints_total_limit {keep})")
+
+
+# ---------------------------------------------------------------- the UNet: inference-ready and resumable
+
+
+def save_unet(engine, model, unet_config, folder: Path):
+    """The trained weights as a diffusers UNet folder. A LoRA run swaps this pair for its LoRA file."""
+    (folder / "unet").mkdir(parents=True, exist_ok=True)
+    weights = folder / UNET_WEIGHTS
+    if engine.booster is None:
+        if engine.dist.is_main:
+            from safetensors.torch import save_file
+            save_file({k: v.detach().cpu().contiguous() for k, v in engine.unwrap(model).state_dict().items()},
+                      weights, metadata={"format": "pt"})
+    else:
+        engine.booster.save_model(model, str(weights), shard=False, use_safetensors=True)
+    if engine.dist.is_main:
+        unet_config.save_config(folder / "unet")
+
+
+def load_unet(engine, model, folder: Path):
+    weights = folder / UNET_WEIGHTS
+    if engine.booster is None:
+        from safetensors.torch import load_file
+        engine.unwrap(model).load_state_dict(load_file(weights))
+    else:
+        engine.booster.load_model(model, str(weights))
+
+
+# ---------------------------------------------------------------- optimizer and random states
+
+
+def optimizer_path(engine, folder: Path) -> str:
+    """A directory of per-rank shards where the plugin shards the optimizer, else one file (replicated DDP
+    state; Colossal-AI 0.5.0 also cannot load a sharded optimizer on a CPU accelerator)."""
+    return str(folder / ("optimizer" if engine.plugin in SHARDED else "optimizer.bin"))
+
+
+def save_optimizer(engine, optimizer, folder: Path):
+    path = optimizer_path(engine, folder)
+    if engine.booster is not None:
+        engine.booster.save_optimizer(optimizer, path, shard=engine.plugin in SHARDED)
+    elif engine.dist.is_main:
+        torch.save(optimizer.state_dict(), path)
+
+
+def load_optimizer(engine, optimizer, folder: Path):
+    path = optimizer_path(engine, folder)
+    if engine.booster is not None:
+        engine.booster.load_optimizer(optimizer, path)
+    else:
+        optimizer.load_state_dict(torch.load(path, map_location=engine.dist.device, weights_only=False))
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "noise": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict, generator: torch.Generator):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _gather_to_main(obj, info) -> Optional[list]:
+    gathered = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+# ---------------------------------------------------------------- save and resume a run
+
+
+class Checkpointer:
+    """Everything a run needs to continue exactly: the engine's model and optimizer, the lr scheduler, the
+    grad scaler, the random states, the data position, and any `extras` (name -> object with
+    state_dict()/load_state_dict(), e.g. an EMA model)."""
+
+    def __init__(self, args, info, engine, model, optimizer, lr_scheduler, unet_config,
+                 extras: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print):
+        self.args, self.info, self.engine = args, info, engine
+        self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
+        self.unet_config, self.extras, self.log = unet_config, dict(extras or {}), log
+        self.stop_request = StopRequest()
+        self.first_step = 0
+
+    def resume(self, generator: torch.Generator, batches_per_epoch: int) -> tuple:
+        """(global step, epoch, batches of it to skip) to continue from: zeros for a fresh run."""
+        folder = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir, self.log)
+        if folder is None:
+            return 0, 0, 0
+        state = self.load(folder, generator)
+        self.first_step = state["global_step"]
+        self.log(f"resumed from {folder} at step {self.first_step}")
+        return (self.first_step, *start_of(state["epoch"], state["batches_done_in_epoch"], batches_per_epoch))
+
+    def after_step(self, step: int, epoch: int, batches_done: int, generator, max_steps: int) -> bool:
+        """Write the periodic checkpoint; on a signal or --stop_after_steps write one and return True: stop.
+
+        Collective: every rank calls it after every optimizer step.
+        """
+        reason = None
+        if step < max_steps:  # at the last step the finished pipeline is saved anyway
+            if self.stop_request.agreed(self.info.device):
+                reason = f"stopped by {self.stop_request.name}"
+            elif self.args.stop_after_steps and step - self.first_step >= self.args.stop_after_steps:
+                reason = f"stopped after --stop_after_steps {self.args.stop_after_steps}"
+        if step % self.args.checkpointing_steps and reason is None:
+            return False
+        path = self.save(step, epoch, batches_done, generator)
+        self.log(f"saved {path}")
+        if reason is not None:
+            message = f"{reason} at step {step}; to continue, rerun with --resume_from_checkpoint {path}"
+            self.log(message)
+            if self.info.is_main:
+                report_clean_stop(message)
+        return reason is not None
+
+    def close(self):
+        self.stop_request.close()
+
+    def _stateful(self) -> dict:
+        """File name -> object whose state_dict() rank 0 writes as is."""
+        objects = {"lr_scheduler.pt": self.lr_scheduler, "grad_scaler.pt": self.engine.scaler}
+        objects.update({f"extra/{name}.pt": obj for name, obj in self.extras.items()})
+        return {name: obj for name, obj in objects.items() if obj is not None}
+
+    def save(self, step: int, epoch: int, batches_done: int, generator: torch.Generator) -> Path:
+        """Write checkpoint-<step>. Collective: every rank calls it at the same step."""
+        final = checkpoint_path(self.args.output_dir, step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        if self.info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+            tmp.mkdir(parents=True)
+        barrier()
+        save_unet(self.engine, self.model, self.unet_config, tmp)
+        save_optimizer(self.engine, self.optimizer, tmp)
+        rng_states = _gather_to_main(rng_state(generator), self.info)
+        if self.info.is_main:
+            self._write_main_files(tmp, step, epoch, batches_done, rng_states)
+        barrier()
+        if self.info.is_main:
+            _seal(tmp, step)
+            _move_into_place(tmp, final)
+            if self.args.checkpoints_total_limit is not None:
+                rotate(self.args.output_dir, self.args.checkpoints_total_limit, self.log)
+        barrier()
+        return final
+
+    def _write_main_files(self, folder: Path, step, epoch, batches_done, rng_states):
+        for name, obj in self._stateful().items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(obj.state_dict(), folder / name)
+        torch.save(rng_states, folder / "rng_states.pt")
+        state = {"global_step": step, "epoch": epoch, "batches_done_in_epoch": batches_done,
+                 "processes": self.info.world_size, "args": vars(self.args)}
+        (folder / STATE).write_text(json.dumps(state, indent=2, default=str))
+
+    def load(self, folder: Path, generator: torch.Generator) -> dict:
+        """Restore everything from `folder` on every rank; returns the training state (step, data position)."""
+        state = json.loads((folder / STATE).read_text())
+        load_unet(self.engine, self.model, folder)
+        load_optimizer(self.engine, self.optimizer, folder)
+        for name, obj in self._stateful().items():
+            if not (folder / name).is_file():
+                raise UserError(f"checkpoint {folder} has no {name}: it was written by a run with other flags")
+            obj.load_state_dict(torch.load(folder / name, map_location=self.info.device, weights_only=False))
+        rng_states = torch.load(folder / "rng_states.pt", weights_only=False)
+        if len(rng_states) != self.info.world_size:
+            self.log(f"the checkpoint was written by {len(rng_states)} processes, this run has "
+                     f"{self.info.world_size}: training continues, but not exactly as the original run would")
+        restore_rng(rng_states[self.info.rank % len(rng_states)], generator)
+        barrier()
+        return state
+
+
+def _seal(folder: Path, step: int):
+    """The completion marker: written last, it lists every file and its size."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    (folder / MARKER).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def _move_into_place(tmp: Path, final: Path):
+    """One rename: `final` is either absent, the old complete checkpoint, or the new complete one."""
+    if final.exists():  # the same step again, after resuming from an earlier checkpoint
+        old = final.with_name(f".old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
