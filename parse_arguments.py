@@ -169,6 +169,9 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
                         "(.safetensors or .ckpt); drop it for a diffusers directory or hub id")
     if args.allow_unsafe_pickle and not args.pretrained_model_name_or_path.lower().endswith(".ckpt"):
         raise UserError("--allow_unsafe_pickle only applies to a .ckpt --pretrained_model_name_or_path; drop it")
+    if args.resume_from_checkpoint not in (None, "latest"):  # a bad explicit checkpoint fails before any loading
+        from colossal_sd.checkpoint import resolve_resume
+        resolve_resume(args.resume_from_checkpoint, args.output_dir, print)
     return args
 
 

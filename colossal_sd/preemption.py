@@ -1,8 +1,7 @@
 """SIGTERM and SIGINT (SLURM, Kubernetes, Ctrl-C) ask the run to stop at the next step boundary.
 
 The signal only sets a flag; the loop checks it after each optimizer step, all ranks agree on it (a signal
-may reach one rank and not the others), and the run writes a checkpoint and exits 0. A second Ctrl-C
-interrupts at once, for a user who does not want to wait.
+may reach one rank and not the others), and the run writes a checkpoint and exits 0.
 
 Under torchrun the launcher forwards SIGTERM/SIGINT to the workers and gives them 30 s before SIGKILL
 (torch 2.5 elastic agent), then exits with an error of its own; `colossal_sd.launch` turns that into exit 0
@@ -25,9 +24,9 @@ class StopRequest:
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
 
     def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
+        # A repeated signal changes nothing: under torchrun, Ctrl-C reaches a worker twice (from the terminal
+        # and forwarded by the launcher).
+        self.signal = self.signal or signum
 
     def agreed(self, device) -> bool:
         """Whether any rank got a signal. Collective: every rank calls it at the same step."""

@@ -31,14 +31,24 @@ def _env(extra=None):
     return env
 
 
-def run_trainer(*args, nproc=None, env=None, timeout=600, check=True):
-    """The trainer as users run it: plain python (nproc None) or torchrun with nproc processes."""
+def trainer_command(*args, nproc=None, launcher="torch.distributed.run"):
+    """The trainer as users run it: plain python (nproc None) or a torchrun launcher with nproc processes."""
     if nproc is None:
         cmd = [sys.executable, "stable_diffusion_colossalai_trainer.py"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        cmd = [sys.executable, "-m", launcher, "--standalone", "--nproc_per_node", str(nproc),
                "stable_diffusion_colossalai_trainer.py"]
-    return _run(cmd + [str(a) for a in args], env, timeout, check)
+    return cmd + [str(a) for a in args]
+
+
+def run_trainer(*args, nproc=None, env=None, timeout=600, check=True):
+    return _run(trainer_command(*args, nproc=nproc), env, timeout, check)
+
+
+def start_trainer(*args, nproc=None, launcher="torch.distributed.run"):
+    """A running trainer whose log lines (stdout, stderr merged) the test reads as they come."""
+    return subprocess.Popen(trainer_command(*args, nproc=nproc, launcher=launcher), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def run_script(script, *args, env=None, timeout=900, check=True):
