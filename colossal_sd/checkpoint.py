@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from colossal_sd.data_position import start_of
 from colossal_sd.distributed import barrier
-from colossal_sd.errors import UserError
+from colossal_sd.errors import UserError, first_line
 from colossal_sd.preemption import StopRequest, report_clean_stop
 
 MARKER = "checkpoint_complete.json"
@@ -203,7 +203,10 @@ class Checkpointer:
         folder = resolve_resume(self.args.resume_from_checkpoint, self.args.output_dir, self.log)
         if folder is None:
             return 0, 0, 0
-        state = self.load(folder, generator)
+        try:
+            state = self.load(folder, generator)
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. a checkpoint of another model
+            raise UserError(f"checkpoint {folder} does not fit this run: {first_line(e)}") from None
         self.first_step = state["global_step"]
         self.log(f"resumed from {folder} at step {self.first_step}")
         return (self.first_step, *start_of(state["epoch"], state["batches_done_in_epoch"], batches_per_epoch))
