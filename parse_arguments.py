@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
     lora.add_argument("--lora_target_modules", default=None,
                       help=f"Comma-separated UNet module names to adapt. Default: {DEFAULT_TARGET_MODULES}.")
+    lora.add_argument("--train_text_encoder_lora", action="store_true",
+                      help="Also train LoRA adapters on the text encoder's attention projections.")
     lora.add_argument("--lora_export_format", default="diffusers", choices=("diffusers", "kohya"),
                       help="kohya also writes an A1111/ComfyUI file beside diffusers' pytorch_lora_weights.")
     lora.add_argument("--merge_lora", action="store_true",

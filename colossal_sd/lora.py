@@ -1,8 +1,9 @@
 """LoRA fine-tuning through peft, and the files users load it from: diffusers, kohya (A1111/ComfyUI), merged.
 
-Adapters go on the UNet through the booster's own ``enable_lora`` (peft's ``get_peft_model``; plain DDP calls
-peft directly). Only the adapter weights train and reach the optimizer; the frozen base stays in the compute
-dtype, the adapters in fp32 as diffusers' ``train_text_to_image_lora.py`` keeps them.
+Adapters go on the UNet (and with --train_text_encoder_lora on the text encoder) through the booster's own
+``enable_lora`` (peft's ``get_peft_model``; plain DDP calls peft directly). Only the adapter weights train and
+reach the optimizer; the frozen base stays in the compute dtype, the adapters in fp32 as diffusers'
+``train_text_to_image_lora.py`` keeps them.
 """
 
 import dataclasses
@@ -18,7 +19,7 @@ TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]  # as d
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 MERGED_DIR = "merged"
-LORA_ONLY_FLAGS = {"merge_lora": False, "lora_export_format": "diffusers",
+LORA_ONLY_FLAGS = {"train_text_encoder_lora": False, "merge_lora": False, "lora_export_format": "diffusers",
                    "lora_target_modules": None, "lora_alpha": None}
 
 
@@ -50,13 +51,35 @@ def lora_config(args, target_modules):
 
 
 # -- training
-def add_lora(engine, unet, args) -> torch.nn.Module:
-    """Freeze `unet` in the compute dtype and attach fp32 LoRA adapters; returns the model to boost."""
+class TextConditionedUNet(torch.nn.Module):
+    """The text encoder and the UNet as one model for the booster, so the text encoder's adapters get gradients
+    and are synchronised with the UNet's. Called like the UNet, with token ids in place of text embeddings."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, sample, timestep, input_ids, return_dict=False):
+        encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+
+
+def add_lora(engine, parts, args) -> torch.nn.Module:
+    """Freeze the model in the compute dtype and attach fp32 LoRA adapters; returns the model to boost.
+
+    With --train_text_encoder_lora that model is a :class:`TextConditionedUNet` and the loop feeds it token ids.
+    """
     from diffusers.training_utils import cast_training_params
     from peft import get_peft_model
 
+    targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    unet = parts.unet
+    if args.train_text_encoder_lora:
+        unet = TextConditionedUNet(parts.unet, parts.text_encoder).train()
+        targets += TEXT_ENCODER_TARGET_MODULES  # CLIP's names, which no UNet module shares
     unet.requires_grad_(False).to(engine.dist.device, dtype=engine.compute_dtype)
-    config = lora_config(args, [name.strip() for name in args.lora_target_modules.split(",") if name.strip()])
+    config = lora_config(args, targets)
     try:
         model = (engine.booster.enable_lora(unet, lora_config=config) if engine.booster is not None
                  else get_peft_model(unet, config))
@@ -68,15 +91,16 @@ def add_lora(engine, unet, args) -> torch.nn.Module:
 
 def describe(model, args) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters()) - trainable
+    where = "the UNet" + (" and text encoder" if args.train_text_encoder_lora else "")
     return (f"LoRA rank={args.rank} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} on "
             f"{args.lora_target_modules}: {trainable:,} trainable parameters "
-            f"({100 * trainable / (total - trainable):.2f}% of the UNet's {total - trainable:,})")
+            f"({100 * trainable / frozen:.2f}% of {where}'s {frozen:,})")
 
 
 # -- outputs
 def lora_state_dict(model) -> dict:
-    """peft-format adapter weights with the alpha/rank scale folded into lora_B.
+    """peft-format adapter weights, keys under "unet." / "text_encoder.", the alpha/rank scale folded into lora_B.
 
     diffusers 0.29's loader assumes alpha == rank for its own format, so folding keeps any --lora_alpha exact
     in every loader.
@@ -87,27 +111,36 @@ def lora_state_dict(model) -> dict:
     config = model.peft_config["default"]
     scale = config.lora_alpha / config.r
     state = get_peft_model_state_dict(model)
-    return {k: (v * scale if ".lora_B." in k else v).detach().to("cpu", torch.float32).contiguous()
+    prefix = "" if isinstance(model, TextConditionedUNet) else "unet."
+    return {prefix + k: (v * scale if ".lora_B." in k else v).detach().to("cpu", torch.float32).contiguous()
             for k, v in state.items()}
+
+
+def _component(state: dict, name: str) -> dict:
+    return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")} or None
 
 
 def save_lora_weights(directory, unet, export_format: str = "diffusers"):
     """Write the inference-ready LoRA file(s) of the trained `unet` into `directory`. Global rank 0 only.
 
-    `unet` is the model as boosted (``engine.unwrap`` of it, or the peft model). Writes
-    ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights``) and, for export_format "kohya",
-    ``pytorch_lora_weights_kohya.safetensors`` (A1111 / ComfyUI ``lora_unet_*`` keys with ``.alpha``).
+    `unet` is the model as boosted (``engine.unwrap`` of it, or the peft model), text encoder adapters included.
+    Writes ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights``) and, for export_format
+    "kohya", ``pytorch_lora_weights_kohya.safetensors`` (A1111 / ComfyUI: ``lora_unet_*`` and ``lora_te_*``
+    keys with ``.alpha``).
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
-    state = lora_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(state),
+    state = convert_state_dict_to_diffusers(lora_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=_component(state, "unet"),
+                                              text_encoder_lora_layers=_component(state, "text_encoder"),
                                               weight_name=WEIGHT_NAME, safe_serialization=True)
     if export_format == "kohya":
-        kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+        kohya = convert_state_dict_to_kohya(lora_state_dict(unet))
+        # diffusers names SD 1.x's one text encoder like SDXL's first; A1111 and ComfyUI read lora_te_ for it
+        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
         save_file(kohya, str(Path(directory) / KOHYA_WEIGHT_NAME), metadata={"format": "pt"})
 
 
@@ -142,7 +175,7 @@ def write_model_card(directory: Path, args, source: str, run: dict):
     data = args.dataset_name or args.train_data_dir
     files = [WEIGHT_NAME] + ([KOHYA_WEIGHT_NAME] if args.lora_export_format == "kohya" else [])
     files += [f"{MERGED_DIR}/ (the base with the LoRA fused in)"] if args.merge_lora else []
-    settings = {"rank": args.rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+    settings = {"text encoder LoRA": args.train_text_encoder_lora, "rank": args.rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
                 "target modules": args.lora_target_modules, **run, "batch size per process": args.train_batch_size,
                 "gradient accumulation": args.gradient_accumulation_steps, "learning rate": args.learning_rate,
                 "lr scheduler": args.lr_scheduler}

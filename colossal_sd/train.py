@@ -53,7 +53,7 @@ def _train(args, info):
     lr = args.learning_rate * (images_per_step if args.scale_lr else 1)
 
     from diffusers.optimization import get_scheduler
-    trainable = lora.add_lora(engine, parts.unet, args) if args.use_lora else parts.unet
+    trainable = lora.add_lora(engine, parts, args) if args.use_lora else parts.unet
     optimizer = engine.make_optimizer([p for p in trainable.parameters() if p.requires_grad], lr,
                                       (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
@@ -83,6 +83,8 @@ def _train(args, info):
                 latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
                                                     batch["input_ids"].to(info.device, non_blocking=True),
                                                     generator)
+                if args.train_text_encoder_lora:
+                    text = batch["input_ids"].to(info.device)  # the model encodes it, through its adapters
                 with engine.autocast():
                     loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator)
                 engine.backward(loss / accumulation, optimizer)

@@ -86,13 +86,17 @@ def test_model_card_says_what_was_trained(trained):
 
 def test_03_script_two_processes_trains_lora(tmp_path, embedded_home):
     out = tmp_path / "out"
-    proc = run_script("03_run_trainer_with_colossalai_lora.sh", *FAST, env={"NPROC": "2", "OUTPUT_DIR": str(out),
-                                                                             "LORA_RANK": "2"})
+    proc = run_script("03_run_trainer_with_colossalai_lora.sh", *FAST, "--train_text_encoder_lora",
+                      "--lora_export_format", "kohya", env={"NPROC": "2", "OUTPUT_DIR": str(out), "LORA_RANK": "2"})
     log = proc.stdout + proc.stderr
     assert "plugin=torch_ddp" in log and "processes=2" in log and "LoRA rank=2" in log
     weights = load_file(out / lora.WEIGHT_NAME)
     assert {w.shape[0] for k, w in weights.items() if k.endswith("lora.down.weight")} == {2}
-    assert np.isfinite(sample(with_lora(embedded_home, out))).all()
+    assert any(k.startswith("text_encoder.") for k in weights)  # --train_text_encoder_lora
+    assert any(k.startswith("lora_te_") for k in load_file(out / lora.KOHYA_WEIGHT_NAME))
+    pipeline = with_lora(embedded_home, out)
+    assert any("lora_A" in k for k in pipeline.text_encoder.state_dict())
+    assert np.isfinite(sample(pipeline)).all()
 
 
 BAD = {
@@ -124,15 +128,14 @@ def test_auto_plugin_for_lora_on_a_gpu_avoids_gemini():
     assert resolve_plugin("auto", cuda=False, lora=True) == "torch_ddp"
 
 
-@pytest.fixture
-def tiny_unet(embedded_home):
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel.from_pretrained(embedded_home / "tiny-sd", subfolder="unet")
-
-
-def lora_args(**overrides):
+def lora_args(*flags):
     from parse_arguments import parse_args
-    return parse_args(["--use_lora", *[f"--{k}={v}" for k, v in overrides.items()]])
+    return parse_args(["--use_lora", *flags])
+
+
+def tiny_parts(args):
+    from colossal_sd import models
+    return models.load_parts(args)
 
 
 def cpu_engine(precision):
@@ -141,8 +144,9 @@ def cpu_engine(precision):
     return Engine("none", precision, DistInfo(0, 0, 1, torch.device("cpu")), 1.0)
 
 
-def test_only_fp32_adapters_train_over_a_base_frozen_in_the_compute_dtype(tiny_unet):
-    model = lora.add_lora(cpu_engine("bf16"), tiny_unet, lora_args(lora_target_modules="to_q,to_v"))
+def test_only_fp32_adapters_train_over_a_base_frozen_in_the_compute_dtype():
+    args = lora_args("--lora_target_modules", "to_q,to_v")
+    model = lora.add_lora(cpu_engine("bf16"), tiny_parts(args), args)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert trainable and all(".lora_" in n and p.dtype == torch.float32 for n, p in trainable.items())
@@ -150,6 +154,19 @@ def test_only_fp32_adapters_train_over_a_base_frozen_in_the_compute_dtype(tiny_u
     assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in trainable} == {"to_q", "to_v"}
 
 
-def test_unknown_target_module_is_a_user_error(tiny_unet):
+def test_unknown_target_module_is_a_user_error():
+    args = lora_args("--lora_target_modules", "no_such_layer")
     with pytest.raises(lora.UserError, match="--lora_target_modules no_such_layer"):
-        lora.add_lora(cpu_engine("no"), tiny_unet, lora_args(lora_target_modules="no_such_layer"))
+        lora.add_lora(cpu_engine("no"), tiny_parts(args), args)
+
+
+def test_text_encoder_adapters_train_with_the_unet_in_one_model():
+    args = lora_args("--train_text_encoder_lora")
+    parts = tiny_parts(args)
+    model = lora.add_lora(cpu_engine("no"), parts, args)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".unet." in n for n in trainable) and any(".text_encoder." in n and "q_proj" in n for n in trainable)
+    ids = parts.tokenizer(["an emoji of a cat"], padding="max_length", return_tensors="pt").input_ids
+    out = model(torch.randn(1, 4, 8, 8), torch.tensor([10]), ids)[0]
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
