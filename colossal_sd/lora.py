@@ -105,15 +105,29 @@ def lora_state_dict(model) -> dict:
     diffusers 0.29's loader assumes alpha == rank for its own format, so folding keeps any --lora_alpha exact
     in every loader.
     """
-    from peft import PeftModel, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
-    model = model.get_base_model() if isinstance(model, PeftModel) else model
+    model = adapted_module(model)
     config = model.peft_config["default"]
     scale = config.lora_alpha / config.r
     state = get_peft_model_state_dict(model)
     prefix = "" if isinstance(model, TextConditionedUNet) else "unet."
     return {prefix + k: (v * scale if ".lora_B." in k else v).detach().to("cpu", torch.float32).contiguous()
             for k, v in state.items()}
+
+
+def adapted_module(model) -> torch.nn.Module:
+    """The module holding the adapters, from a peft model or Colossal-AI's PeftUnwrapMixin.
+
+    torch_ddp_fp16 nests its AMP wrapper around the DDP one, and in 0.5.0 the outer ``unwrap(unwrap_peft=False)``
+    calls the inner one without the flag, so the booster hands back a PeftUnwrapMixin there.
+    """
+    from colossalai.interface.model import PeftUnwrapMixin
+    from peft import PeftModel
+
+    if isinstance(model, PeftUnwrapMixin):
+        return model.base_model
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _component(state: dict, name: str) -> dict:

@@ -172,3 +172,13 @@ def test_text_encoder_adapters_train_with_the_unet_in_one_model():
     out = model(torch.randn(1, 4, 8, 8), torch.tensor([10]), ids)[0]
     out.mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_weights_read_the_same_through_every_wrapper_the_booster_returns():
+    from colossalai.interface.model import PeftUnwrapMixin
+    args = lora_args()
+    model = lora.add_lora(cpu_engine("no"), tiny_parts(args), args)
+    expected = lora.lora_state_dict(model)
+    for wrapped in (model.get_base_model(), PeftUnwrapMixin(model)):  # torch_ddp_fp16 returns the latter
+        got = lora.lora_state_dict(wrapped)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
