@@ -190,7 +190,8 @@ def write_model_card(directory: Path, args, source: str, run: dict):
     files = [WEIGHT_NAME] + ([KOHYA_WEIGHT_NAME] if args.lora_export_format == "kohya" else [])
     files += [f"{MERGED_DIR}/ (the base with the LoRA fused in)"] if args.merge_lora else []
     settings = {"rank": args.rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
-                "target modules": args.lora_target_modules, "text encoder LoRA": args.train_text_encoder_lora, **run, "batch size per process": args.train_batch_size,
+                "target modules": args.lora_target_modules, "text encoder LoRA": args.train_text_encoder_lora,
+                **run, "batch size per process": args.train_batch_size,
                 "gradient accumulation": args.gradient_accumulation_steps, "learning rate": args.learning_rate,
                 "lr scheduler": args.lr_scheduler}
     card_data = ModelCardData(base_model=args.pretrained_model_name_or_path, library_name="diffusers",
