@@ -11,6 +11,7 @@ import os
 from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
 from colossal_sd.single_file import is_single_file
+from colossal_sd.lora import DEFAULT_TARGET_MODULES, check_lora_arguments
 
 PLUGINS = ("auto", "torch_ddp", "torch_ddp_fp16", "gemini", "low_level_zero", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -135,6 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--cpu_offload", action="store_true",
                       help="low_level_zero: keep master weights, gradients and optimizer state on the CPU "
                            "(Colossal-AI's HybridAdam steps them there).")
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--use_lora", action="store_true",
+                      help="Train LoRA adapters on the UNet instead of every UNet weight.")
+    lora.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale: alpha/rank). Default: --rank.")
+    lora.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA input.")
+    lora.add_argument("--lora_target_modules", default=None,
+                      help=f"Comma-separated UNet module names to adapt. Default: {DEFAULT_TARGET_MODULES}.")
+    lora.add_argument("--train_text_encoder_lora", action="store_true",
+                      help="Also train LoRA adapters on the text encoder's attention projections.")
+    lora.add_argument("--lora_export_format", default="diffusers", choices=("diffusers", "kohya"),
+                      help="kohya also writes an A1111/ComfyUI file beside diffusers' pytorch_lora_weights.")
+    lora.add_argument("--merge_lora", action="store_true",
+                      help="Also write the base pipeline with the LoRA fused in, to output_dir/merged.")
     return p
 
 
@@ -172,6 +188,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.resume_from_checkpoint not in (None, "latest"):  # a bad explicit checkpoint fails before any loading
         from colossal_sd.checkpoint import resolve_resume
         resolve_resume(args.resume_from_checkpoint, args.output_dir, print)
+    check_lora_arguments(args)
     return args
 
 

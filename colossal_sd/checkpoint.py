@@ -38,6 +38,7 @@ from colossal_sd.preemption import StopRequest, report_clean_stop
 MARKER = "checkpoint_complete.json"
 STATE = "training_state.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+LORA_MODEL_WEIGHTS = "lora_run/model.safetensors"  # the boosted LoRA model, base included, for resuming only
 SHARDED = ("gemini", "low_level_zero")  # plugins whose optimizer state is split across ranks
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -110,10 +111,11 @@ def rotate(output_dir, keep: int, log: Callable[[str], None]):
 # ---------------------------------------------------------------- the UNet: inference-ready and resumable
 
 
-def save_unet(engine, model, unet_config, folder: Path):
-    """The trained weights as a diffusers UNet folder. A LoRA run swaps this pair for its LoRA file."""
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    weights = folder / UNET_WEIGHTS
+def save_unet(engine, model, unet_config, folder: Path, use_lora: bool = False):
+    """The trained weights, inference-ready: a diffusers UNet folder, or in a LoRA run the LoRA file (with the
+    boosted model kept beside it for resuming)."""
+    weights = folder / (LORA_MODEL_WEIGHTS if use_lora else UNET_WEIGHTS)
+    weights.parent.mkdir(parents=True, exist_ok=True)
     if engine.booster is None:
         if engine.dist.is_main:
             from safetensors.torch import save_file
@@ -121,12 +123,18 @@ def save_unet(engine, model, unet_config, folder: Path):
                       weights, metadata={"format": "pt"})
     else:
         engine.booster.save_model(model, str(weights), shard=False, use_safetensors=True)
-    if engine.dist.is_main:
+    if engine.dist.is_main and use_lora:
+        from colossal_sd.lora import save_lora_weights
+        save_lora_weights(folder, engine.unwrap(model))
+    elif engine.dist.is_main:
         unet_config.save_config(folder / "unet")
 
 
-def load_unet(engine, model, folder: Path):
-    weights = folder / UNET_WEIGHTS
+def load_unet(engine, model, folder: Path, use_lora: bool = False):
+    weights = folder / (LORA_MODEL_WEIGHTS if use_lora else UNET_WEIGHTS)
+    if not weights.is_file():
+        raise UserError(f"checkpoint {folder} has no {weights.relative_to(folder)}: "
+                        "it was written by a run with other flags (--use_lora or not)")
     if engine.booster is None:
         from safetensors.torch import load_file
         engine.unwrap(model).load_state_dict(load_file(weights))
@@ -250,7 +258,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
             tmp.mkdir(parents=True)
         barrier()
-        save_unet(self.engine, self.model, self.unet_config, tmp)
+        save_unet(self.engine, self.model, self.unet_config, tmp, self.args.use_lora)
         save_optimizer(self.engine, self.optimizer, tmp)
         rng_states = _gather_to_main(rng_state(generator), self.info)
         if self.info.is_main:
@@ -276,7 +284,7 @@ class Checkpointer:
     def load(self, folder: Path, generator: torch.Generator) -> dict:
         """Restore everything from `folder` on every rank; returns the training state (step, data position)."""
         state = json.loads((folder / STATE).read_text())
-        load_unet(self.engine, self.model, folder)
+        load_unet(self.engine, self.model, folder, self.args.use_lora)
         load_optimizer(self.engine, self.optimizer, folder)
         for name, obj in self._stateful().items():
             if not (folder / name).is_file():

@@ -39,7 +39,9 @@ GPU_ONLY_PLUGINS = {
 PLUGIN_DEFAULT_PRECISION = {"gemini": "fp16", "torch_ddp_fp16": "fp16"}
 
 
-def resolve_plugin(plugin: str, cuda: bool) -> str:
+def resolve_plugin(plugin: str, cuda: bool, lora: bool = False) -> str:
+    if plugin == "auto" and lora and cuda:
+        return "torch_ddp_fp16"  # Gemini has no LoRA in Colossal-AI 0.5.0; fp16 base, fp32 adapters
     if plugin == "auto":
         return "gemini" if cuda else "torch_ddp"
     return plugin
@@ -114,9 +116,10 @@ class Engine:
         return model, optimizer, lr_scheduler
 
     def unwrap(self, model) -> torch.nn.Module:
+        """The module that was wrapped (a peft model stays one)."""
         if self.booster is None:
             return model.module
-        return model.unwrap()
+        return model.unwrap(unwrap_peft=False)
 
     # -- one step
     def autocast(self):
@@ -188,7 +191,7 @@ class Engine:
 
 def build_engine(args, dist: DistInfo) -> Engine:
     cuda = dist.device.type == "cuda"
-    plugin = resolve_plugin(args.plugin, cuda)
+    plugin = resolve_plugin(args.plugin, cuda, args.use_lora)
     precision = resolve_precision(plugin, args.mixed_precision)
     check_device(plugin, cuda, args.enable_xformers_memory_efficient_attention)
     check_plugin_flags(plugin, args)

@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, models, plugins, saving, single_file
+from colossal_sd import data, distributed, lora, models, plugins, saving, single_file
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import noise_prediction_loss
@@ -55,11 +55,12 @@ def _train(args, info):
     lr = args.learning_rate * (images_per_step if args.scale_lr else 1)
 
     from diffusers.optimization import get_scheduler
-    optimizer = engine.make_optimizer([p for p in parts.unet.parameters() if p.requires_grad], lr,
+    trainable = lora.add_lora(engine, parts, args) if args.use_lora else parts.unet
+    optimizer = engine.make_optimizer([p for p in trainable.parameters() if p.requires_grad], lr,
                                       (args.adam_beta1, args.adam_beta2), args.adam_weight_decay, args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
-    unet, optimizer, lr_scheduler = engine.wrap(parts.unet, optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = engine.wrap(trainable, optimizer, lr_scheduler)
 
     tracker = Tracker(info.is_main, max_steps, args.report_to, _logging_dir(args))
     tracker.info(f"plugin={engine.plugin} precision={engine.precision} device={info.device.type} "
@@ -67,6 +68,8 @@ def _train(args, info):
                  f"batch/process={args.train_batch_size} accumulation={args.gradient_accumulation_steps} "
                  f"images/step={images_per_step} steps={max_steps} epochs={epochs} seed={seed}")
     tracker.hyperparameters(vars(args))
+    if args.use_lora:
+        tracker.info(lora.describe(trainable, args))
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
@@ -87,6 +90,8 @@ def _train(args, info):
                 latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
                                                     batch["input_ids"].to(info.device, non_blocking=True),
                                                     generator)
+                if args.train_text_encoder_lora:
+                    text = batch["input_ids"].to(info.device)  # the model encodes it, through its adapters
                 with engine.autocast():
                     loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator)
                 engine.backward(loss / accumulation, optimizer)
@@ -113,8 +118,13 @@ def _train(args, info):
     dist.all_reduce(skipped)
     if skipped.item():
         tracker.info(f"skipped {int(skipped.item())} unreadable images (each replaced by the next readable one)")
-    state = engine.full_state_dict(unet)
-    if info.is_main:
+    state = None if args.use_lora else engine.full_state_dict(unet)
+    if info.is_main and args.use_lora:
+        lora.save_lora_outputs(engine.unwrap(unet), parts, args,
+                               {"resolution": resolution, "steps": max_steps, "seed": seed,
+                                "plugin": engine.plugin, "precision": engine.precision})
+        tracker.info(f"saved the LoRA weights to {args.output_dir}")
+    elif info.is_main:
         saving.save_pipeline(args.output_dir, parts, state, args)
         tracker.info(f"saved the pipeline to {args.output_dir}")
         if args.save_single_file:

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# LoRA fine-tune of the UNet with the Colossal-AI booster: a small adapter file instead of a whole pipeline.
+#   bash 03_run_trainer_with_colossalai_lora.sh                 # embedded tiny model + emoji data, offline
+#   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 DATASET_NAME=lambdalabs/naruto-blip-captions \
+#     LORA_RANK=16 NPROC=8 bash 03_run_trainer_with_colossalai_lora.sh --lora_export_format kohya
+# Same variables as 02, plus LORA_RANK (default 4) and LORA_ALPHA (default: the rank).
+set -euo pipefail
+OUTPUT_DIR="${OUTPUT_DIR:-outputs/sd-lora}"
+source "$(dirname "$0")/colossal_sd/launch.sh"
+# auto: torch_ddp_fp16 with CUDA (Gemini has no LoRA in Colossal-AI 0.5.0), torch_ddp otherwise
+PLUGIN="${PLUGIN:-auto}"
+echo "plugin: $PLUGIN (LoRA)"
+lora=(--use_lora --rank "${LORA_RANK:-4}")
+[ -n "${LORA_ALPHA:-}" ] && lora+=(--lora_alpha "$LORA_ALPHA")
+launch_trainer --plugin "$PLUGIN" --placement "$PLACEMENT" "${lora[@]}" "$@"
