@@ -27,6 +27,7 @@ class Tracker:
             self.writer = SummaryWriter(logging_dir)
         if enabled and wanted(report_to, "wandb"):
             import wandb
+            os.makedirs(logging_dir, exist_ok=True)
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "colossal-sd"), dir=logging_dir)
 
     def info(self, message: str):
