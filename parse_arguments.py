@@ -12,6 +12,7 @@ from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
 from colossal_sd.single_file import is_single_file
 from colossal_sd.lora import DEFAULT_TARGET_MODULES, check_lora_arguments
+from colossal_sd.tracking import REPORT_TO
 
 PLUGINS = ("auto", "torch_ddp", "torch_ddp_fp16", "gemini", "low_level_zero", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -108,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     log = p.add_argument_group("logging")
     log.add_argument("--logging_dir", default="logs", help="TensorBoard directory, relative to --output_dir.")
-    log.add_argument("--report_to", default="tensorboard", choices=("tensorboard", "none"))
+    log.add_argument("--report_to", default="tensorboard", choices=REPORT_TO,
+                     help="Where to log: TensorBoard events in output_dir/logging_dir, wandb (pip install wandb), "
+                          "all, or none.")
     log.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr and images/s every N steps.")
+
+    add_quality_arguments(p)
 
     dist = p.add_argument_group("Colossal-AI")
     dist.add_argument("--plugin", default="auto", choices=PLUGINS,
@@ -154,6 +159,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def add_quality_arguments(p: argparse.ArgumentParser):
+    ema = p.add_argument_group("EMA")
+    ema.add_argument("--use_ema", action="store_true",
+                     help="Keep an exponential moving average of the UNet; it is what gets saved (raw weights go "
+                          "to output_dir/unet_raw) and what validation samples from.")
+    ema.add_argument("--ema_decay", type=float, default=0.9999,
+                     help="EMA decay, reached after a warm-up of min(decay, (1+t)/(10+t)) as in diffusers.")
+    ema.add_argument("--ema_offload_to_cpu", action="store_true", help="Keep the EMA weights in CPU memory.")
+
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--snr_gamma", type=float, default=None,
+                      help="Min-SNR-gamma loss weighting (5.0 is recommended); off by default.")
+    loss.add_argument("--noise_offset", type=float, default=0.0, help="Scale of the noise offset (e.g. 0.05).")
+    loss.add_argument("--input_perturbation", type=float, default=0.0,
+                      help="Scale of the input perturbation of the noised latents (0.1 is recommended).")
+    loss.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="Probability of training on an empty caption, for classifier-free guidance.")
+    loss.add_argument("--min_timestep", type=int, default=0, help="Smallest training timestep.")
+    loss.add_argument("--max_timestep", type=int, default=None,
+                      help="Training timesteps stay below this. Default: the scheduler's num_train_timesteps.")
+
+    val = p.add_argument_group("validation")
+    val.add_argument("--validation_prompts", nargs="+", default=None,
+                     help="Prompts sampled during and after training into output_dir/samples/*.png.")
+    val.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
+    val.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
+    val.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    val.add_argument("--validation_seed", type=int, default=0, help="Seed of the validation images and noise.")
+    val.add_argument("--validation_inference_steps", type=int, default=20,
+                     help="Denoising steps per validation image.")
+    val.add_argument("--validation_split", type=float, default=0.0,
+                     help="Hold out this fraction of the data for a validation loss (e.g. 0.05).")
+
+
+def check_quality_arguments(args: argparse.Namespace):
+    for flag in ("num_validation_images", "validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1")
+    for flag in ("validation_steps", "validation_epochs", "snr_gamma"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag} must be positive")
+    for flag in ("caption_dropout", "validation_split"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be in [0, 1)")
+    if not 0 < args.ema_decay < 1:
+        raise UserError("--ema_decay must be between 0 and 1")
+    if args.min_timestep < 0 or (args.max_timestep is not None and args.max_timestep <= args.min_timestep):
+        raise UserError("need 0 <= --min_timestep < --max_timestep")
+    if args.report_to in ("wandb", "all"):
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise UserError(f"--report_to {args.report_to} needs wandb: pip install wandb")
+
+
 def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Cross-flag checks that need no model, data or device."""
     if args.dataset_name and args.train_data_dir:
@@ -189,6 +249,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         from colossal_sd.checkpoint import resolve_resume
         resolve_resume(args.resume_from_checkpoint, args.output_dir, print)
     check_lora_arguments(args)
+    check_quality_arguments(args)
     return args
 
 

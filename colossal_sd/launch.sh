@@ -12,6 +12,10 @@ NNODES="${NNODES:-1}"
 PLACEMENT="${PLACEMENT:-cpu}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-300}"
+VALIDATION_STEPS="${VALIDATION_STEPS:-50}"
+VALIDATION_SPLIT="${VALIDATION_SPLIT:-0.05}"
+# Sample grids of these prompts suit the embedded emoji data; with your own data pass --validation_prompts.
+EMOJI_PROMPTS=("an emoji of grinning face" "an emoji of red heart" "an emoji of rocket")
 
 launch_trainer() {
     local flags=(--output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH_SIZE" --max_train_steps "$MAX_TRAIN_STEPS")
@@ -20,6 +24,9 @@ launch_trainer() {
     [ -n "${TRAIN_DATA_DIR:-}" ] && flags+=(--train_data_dir "$TRAIN_DATA_DIR")
     [ -n "${RESOLUTION:-}" ] && flags+=(--resolution "$RESOLUTION")
     [ -n "${MIXED_PRECISION:-}" ] && flags+=(--mixed_precision "$MIXED_PRECISION")
+    flags+=(--validation_steps "$VALIDATION_STEPS" --validation_split "$VALIDATION_SPLIT")
+    [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}"
+                                                         --num_validation_images 2 --validation_inference_steps 10)
 
     # One node: --standalone finds a free port. Several: c10d rendezvous at MASTER_ADDR:MASTER_PORT.
     local rendezvous=(--standalone)

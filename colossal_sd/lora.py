@@ -34,6 +34,8 @@ def check_lora_arguments(args):
     if getattr(args, "save_single_file", False):
         raise UserError("--save_single_file writes a full fine-tune; a LoRA run's A1111/ComfyUI file comes from "
                         "--lora_export_format kohya")
+    if getattr(args, "use_ema", False):
+        raise UserError("--use_ema averages a full fine-tune's UNet; drop it with --use_lora")
     if args.plugin == "gemini":
         raise UserError("--use_lora does not work with --plugin gemini (Colossal-AI 0.5.0 has no Gemini LoRA, "
                         f"ColossalAI issue #4929); use --plugin {', '.join(LORA_PLUGINS[:-1])} or none")

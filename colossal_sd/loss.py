@@ -1,7 +1,36 @@
-"""The denoising objective: noise a latent at a random timestep, predict the noise (or velocity)."""
+"""The denoising objective: noise a latent at a random timestep, predict the noise (or velocity).
+
+The options (min-SNR weighting, noise offset, input perturbation, timestep range, caption dropout) follow
+diffusers' ``train_text_to_image.py``. Every random draw comes from the caller's ``generator``, so a run is
+reproducible and a resumed run draws exactly what the uninterrupted one would have; an option left off draws
+nothing.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    snr_gamma: Optional[float] = None
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+    min_timestep: int = 0
+    max_timestep: Optional[int] = None  # exclusive; None: the scheduler's num_train_timesteps
+
+    @classmethod
+    def from_args(cls, args) -> "LossOptions":
+        return cls(args.snr_gamma, args.noise_offset, args.input_perturbation, args.min_timestep, args.max_timestep)
+
+    def checked(self, noise_scheduler) -> "LossOptions":
+        total = noise_scheduler.config.num_train_timesteps
+        if (self.max_timestep or 0) > total or self.min_timestep >= total:
+            from colossal_sd.errors import UserError
+            raise UserError(f"--min_timestep/--max_timestep must lie within the scheduler's {total} timesteps")
+        return self
 
 
 def diffusion_target(noise_scheduler, latents, noise, timesteps):
@@ -13,12 +42,75 @@ def diffusion_target(noise_scheduler, latents, noise, timesteps):
     raise ValueError(f"unknown prediction type {prediction_type}")
 
 
-def noise_prediction_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator):
-    """MSE between the UNet's prediction and the scheduler's target, noise and timesteps drawn from `generator`."""
+def sample_timesteps(noise_scheduler, batch_size, generator, device, options=LossOptions()):
+    """Uniform integer timesteps in [min_timestep, max_timestep)."""
+    high = options.max_timestep or noise_scheduler.config.num_train_timesteps
+    return torch.randint(options.min_timestep, high, (batch_size,), generator=generator, device=device)
+
+
+def sample_noise(latents, generator, noise_offset=0.0):
+    """Gaussian noise; a noise offset adds one shared value per image and channel, so the model learns to
+    shift overall brightness (https://www.crosslabs.org/blog/diffusion-with-offset-noise)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=generator, device=latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    if noise_offset:
+        noise += noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                            device=latents.device, dtype=latents.dtype)
+    return noise
+
+
+def perturb(noise, generator, input_perturbation):
+    """The noise actually added to the latents: the target stays the unperturbed noise
+    (input perturbation, https://arxiv.org/abs/2301.11706)."""
+    if not input_perturbation:
+        return noise
+    return noise + input_perturbation * torch.randn(noise.shape, generator=generator, device=noise.device,
+                                                    dtype=noise.dtype)
+
+
+def min_snr_weights(noise_scheduler, timesteps, snr_gamma):
+    """Per-sample loss weights of min-SNR-gamma (https://arxiv.org/abs/2303.09556).
+
+    For epsilon the weight is min(SNR, gamma) / SNR. A v-prediction loss is already (SNR + 1) times an
+    epsilon-equivalent one, so its weight is min(SNR, gamma) / (SNR + 1).
+    """
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def weighted_mse(prediction, target, weights=None):
+    if weights is None:
+        return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=tuple(range(1, target.ndim)))
+    return (per_sample * weights).mean()
+
+
+def noise_prediction_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, options=LossOptions()):
+    """MSE between the UNet's prediction and the scheduler's target, noise and timesteps drawn from `generator`."""
+    noise = sample_noise(latents, generator, options.noise_offset)
+    timesteps = sample_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, options)
+    noisy_latents = noise_scheduler.add_noise(latents, perturb(noise, generator, options.input_perturbation),
+                                              timesteps)
+    return denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, encoder_hidden_states,
+                          options.snr_gamma)
+
+
+def denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, encoder_hidden_states,
+                   snr_gamma=None):
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+    weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return weighted_mse(prediction, target, weights)
+
+
+def drop_captions(input_ids, empty_ids, probability, generator):
+    """Replace each caption by the empty one with `probability`: the unconditional half of classifier-free
+    guidance."""
+    if not probability:
+        return input_ids
+    drop = torch.rand(input_ids.shape[0], generator=generator, device=generator.device) < probability
+    return torch.where(drop[:, None].to(input_ids.device), empty_ids.to(input_ids.device), input_ids)

@@ -6,10 +6,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, lora, models, plugins, saving, single_file
+from colossal_sd import data, distributed, ema, lora, models, plugins, saving, single_file, validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
-from colossal_sd.loss import noise_prediction_loss
+from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
 from colossal_sd.tracking import Tracker
 
 
@@ -44,6 +44,9 @@ def _train(args, info):
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
     dataset = data.build_dataset(args, parts.tokenizer, resolution, seed)
+    dataset, held_out = validation.split_off_validation(dataset, args.validation_split, seed)
+    loss_options = LossOptions.from_args(args).checked(parts.noise_scheduler)
+    empty_caption = dataset.tokenize("")
     dataloader = engine.prepare_dataloader(dataset, args.train_batch_size, seed, args.dataloader_num_workers,
                                            data.collate)
 
@@ -61,6 +64,7 @@ def _train(args, info):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=max_steps)
     unet, optimizer, lr_scheduler = engine.wrap(trainable, optimizer, lr_scheduler)
+    ema_model = ema.maybe_create(args, engine, unet)
 
     tracker = Tracker(info.is_main, max_steps, args.report_to, _logging_dir(args))
     tracker.info(f"plugin={engine.plugin} precision={engine.precision} device={info.device.type} "
@@ -70,10 +74,12 @@ def _train(args, info):
     tracker.hyperparameters(vars(args))
     if args.use_lora:
         tracker.info(lora.describe(trainable, args))
+    validator = validation.Validator(args, engine, parts, resolution, held_out, tracker)
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
-    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, log=tracker.info)
+    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, log=tracker.info,
+                                extras={"ema": ema_model} if ema_model is not None else None)
     global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
@@ -87,13 +93,14 @@ def _train(args, info):
             accumulation = _group_size(micro_step, args.gradient_accumulation_steps, batches_per_epoch)
             sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == batches_per_epoch
             with engine.no_sync(unet, optimizer, sync):
+                input_ids = drop_captions(batch["input_ids"].to(info.device, non_blocking=True), empty_caption,
+                                          args.caption_dropout, generator)
                 latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
-                                                    batch["input_ids"].to(info.device, non_blocking=True),
-                                                    generator)
+                                                    input_ids, generator)
                 if args.train_text_encoder_lora:
-                    text = batch["input_ids"].to(info.device)  # the model encodes it, through its adapters
+                    text = input_ids  # the model encodes it, through its adapters
                 with engine.autocast():
-                    loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator)
+                    loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator, loss_options)
                 engine.backward(loss / accumulation, optimizer)
             window.add(loss.detach(), len(batch["pixel_values"]))
             skipped += batch["skipped"]
@@ -101,10 +108,13 @@ def _train(args, info):
                 continue
             grad_norm = engine.step(unet, optimizer)
             lr_scheduler.step()
+            ema.update(ema_model, args.use_ema, engine, unet)
             global_step += 1
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
                 tracker.scalars(global_step, window.flush(lr_scheduler.get_last_lr()[0], grad_norm))
+            if validator.due(global_step, epoch + 1 if micro_step + 1 == batches_per_epoch else None):
+                validator.run(global_step, unet, ema_model)
             stopped = checkpointer.after_step(global_step, epoch, micro_step + 1, generator, max_steps)
             if global_step >= max_steps or stopped:
                 break
@@ -125,10 +135,12 @@ def _train(args, info):
                                 "plugin": engine.plugin, "precision": engine.precision})
         tracker.info(f"saved the LoRA weights to {args.output_dir}")
     elif info.is_main:
+        state = ema.save_raw_and_average(ema_model, state, args.output_dir, parts)
         saving.save_pipeline(args.output_dir, parts, state, args)
         tracker.info(f"saved the pipeline to {args.output_dir}")
         if args.save_single_file:
             tracker.info(f"saved the single-file checkpoint {single_file.save_single_file(args.output_dir)}")
+    validator.final(state)
     distributed.barrier()
     tracker.close()
 
