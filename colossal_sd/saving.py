@@ -34,8 +34,11 @@ def save_pipeline(output_dir, parts, unet_state_dict, args):
 
     unet = UNet2DConditionModel.from_config(parts.unet.config)
     unet.load_state_dict(unet_state_dict)
+    # A part freed once its outputs were cached is None here: from_pretrained reloads it from the source.
+    frozen = {name: getattr(parts, name).float().cpu() for name in ("vae", "text_encoder")
+              if getattr(parts, name) is not None}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        parts.source, unet=unet, vae=parts.vae.float().cpu(), text_encoder=parts.text_encoder.float().cpu(),
+        parts.source, unet=unet, **frozen,
         tokenizer=parts.tokenizer, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)

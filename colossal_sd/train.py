@@ -6,7 +6,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, models, plugins, saving
+from colossal_sd import distributed, input_pipeline, models, plugins, saving, speed
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import noise_prediction_loss
 from colossal_sd.tracking import Tracker
@@ -42,9 +42,10 @@ def _train(args, info):
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
-    dataset = data.build_dataset(args, parts.tokenizer, resolution, seed)
-    dataloader = engine.prepare_dataloader(dataset, args.train_batch_size, seed, args.dataloader_num_workers,
-                                           data.collate)
+    flops_per_sample = speed.unet_flops_per_sample(parts.unet, resolution // parts.vae_scale_factor,
+                                                   parts.unet.config.cross_attention_dim, info.device)
+    speed.speed_up_unet(parts.unet, info.device, args.compile)
+    dataset, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine)
 
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -70,19 +71,17 @@ def _train(args, info):
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
     global_step, skipped = 0, torch.zeros((), device=info.device)
     window = _Window(info.device)
+    peak_tflops = speed.bf16_peak_tflops(info.device)
     for epoch in range(epochs):
-        dataset.set_epoch(epoch)
-        dataloader.sampler.set_epoch(epoch)
+        input_pipeline.set_epoch(dataloader, epoch)
         for micro_step, batch in enumerate(dataloader):
             sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == len(dataloader)
             with engine.no_sync(unet, optimizer, sync):
-                latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
-                                                    batch["input_ids"].to(info.device, non_blocking=True),
-                                                    generator)
+                latents, text = encode(batch, info.device, generator)
                 with engine.autocast():
                     loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator)
                 engine.backward(loss / args.gradient_accumulation_steps, optimizer)
-            window.add(loss.detach(), len(batch["pixel_values"]))
+            window.add(loss.detach(), len(latents))
             skipped += batch["skipped"]
             if not sync:
                 continue
@@ -91,7 +90,8 @@ def _train(args, info):
             global_step += 1
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
-                tracker.scalars(global_step, window.flush(lr_scheduler.get_last_lr()[0], grad_norm))
+                tracker.scalars(global_step, speed.with_tflops(window.flush(lr_scheduler.get_last_lr()[0], grad_norm),
+                                                               flops_per_sample, peak_tflops, info.world_size))
             if global_step >= max_steps:
                 break
         if global_step >= max_steps:
