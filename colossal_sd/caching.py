@@ -147,13 +147,17 @@ def write_shard_atomically(target: Path, arrays: dict):
 # ---------------------------------------------------------------- building the cache
 
 
+def missing_shards(directory: Path, samples: int) -> list:
+    """Shards not yet in place; a killed writer's hidden temp directory does not count as a shard."""
+    return [s for s in range(math.ceil(samples / SHARD_SIZE)) if not shard_dir(directory, s).is_dir()]
+
+
 def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say) -> Path:
     """Encode the missing shards, each rank its share; returns the cache directory. Collective."""
     what = dict(what)
     directory = cache_root(what.pop("cache_dir")) / cache_key(parts, dataset, what)
     directory.mkdir(parents=True, exist_ok=True)
-    shards = math.ceil(len(dataset) / SHARD_SIZE)
-    missing = [s for s in range(shards) if not shard_dir(directory, s).is_dir()]
+    missing = missing_shards(directory, len(dataset))
     encoded = torch.zeros((), dtype=torch.int64)
     for shard in missing[info.rank::info.world_size]:
         indices = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(dataset)))
