@@ -32,7 +32,7 @@ def test_first_run_encodes_every_sample_into_the_cache(cached_runs):
     assert "processes=2" in cached_runs.first
     shard = next((cached_runs.tmp / "cache" / "colossal_sd_latents").glob("*/shard-00000"))
     shapes = np.load(shard / "latent_shapes.npy")
-    assert shapes.shape == (48, 5) and (shapes[:, 0] == 2).all()  # both flips of every image
+    assert shapes.shape == (48, 4) and (shapes[:, :2] == [2, 8]).all()  # both flips, mean + log-variance
 
 
 def test_second_run_re_encodes_nothing(cached_runs):
