@@ -60,6 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
     data.add_argument("--dataloader_num_workers", type=int, default=0,
                       help="Processes that decode images. 0 decodes in the main process.")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode every image (both flips with --random_flip) once into a disk cache under "
+                           "--cache_dir and train on the cached latents; frees the VAE.")
+    data.add_argument("--cache_text_embeddings", action="store_true",
+                      help="Encode every caption once into the disk cache; frees the text encoder.")
+    data.add_argument("--aspect_ratio_bucketing", action="store_true",
+                      help="Train each image in the bucket nearest its aspect ratio (about resolution² pixels) "
+                           "instead of a square crop; every batch holds one bucket.")
+    data.add_argument("--bucket_step", type=int, default=None,
+                      help="Bucket sides are multiples of this. Default: the model's resolution multiple "
+                           "(64 for SD 1.5).")
+    data.add_argument("--max_aspect_ratio", type=float, default=2.0,
+                      help="Longest bucket side over shortest side, at most.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset (local parquet/json/imagefolder shards or the hub) instead of "
+                           "loading it; memory stays flat. Needs --max_train_steps.")
 
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="sd-model-finetuned", help="Where the trained pipeline goes.")
@@ -93,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     train.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="Use xformers attention (CUDA only). PyTorch SDPA is used otherwise.")
+    train.add_argument("--compile", action="store_true", help="torch.compile the UNet.")
 
     ckpt = p.add_argument_group("checkpoints")
     ckpt.add_argument("--checkpointing_steps", type=int, default=500,
@@ -234,6 +251,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= 1:
             raise UserError(f"--{flag} is a fraction between 0 and 1")
+    check_data_pipeline(args)
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
                         "or use --plugin torch_ddp")
@@ -251,6 +269,24 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     check_lora_arguments(args)
     check_quality_arguments(args)
     return args
+
+
+def check_data_pipeline(args):
+    """Streaming reads each row once per pass with no index: nothing to cache or bucket ahead of time."""
+    if args.streaming:
+        for flag in ("cache_latents", "cache_text_embeddings", "aspect_ratio_bucketing", "validation_split"):
+            if getattr(args, flag):
+                raise UserError(f"--streaming cannot be combined with --{flag} (it needs the whole dataset "
+                                "indexed up front); drop one of them")
+        if args.max_train_steps is None:
+            raise UserError("--streaming needs --max_train_steps (a stream has no length to count epochs by)")
+    if args.cache_text_embeddings and args.train_text_encoder_lora:
+        raise UserError("--cache_text_embeddings freezes the text encoder's outputs, --train_text_encoder_lora "
+                        "trains it; drop one of them")
+    if args.max_aspect_ratio < 1:
+        raise UserError("--max_aspect_ratio must be at least 1")
+    if args.bucket_step is not None and args.bucket_step < 1:
+        raise UserError("--bucket_step must be at least 1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -22,8 +22,9 @@ DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", 
 # ---------------------------------------------------------------- sources
 
 
-def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None):
-    """The training split as a `datasets.Dataset`, from the hub, a local path, or an imagefolder."""
+def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None, streaming=False):
+    """The training split as a `datasets.Dataset` (an `IterableDataset` when streaming), from the hub, a local
+    path, or an imagefolder."""
     import datasets
 
     if train_data_dir is not None:
@@ -33,23 +34,24 @@ def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None
             raise UserError(f"--train_data_dir '{train_data_dir}' holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))})")
         return _train_split(_load(datasets.load_dataset, "imagefolder", data_dir=train_data_dir,
-                                  cache_dir=cache_dir), train_data_dir)
+                                  cache_dir=cache_dir, streaming=streaming), train_data_dir)
     if embedded.is_embedded(dataset_name):
-        return load_source(train_data_dir=embedded.resolve(dataset_name), cache_dir=cache_dir)
+        return load_source(train_data_dir=embedded.resolve(dataset_name), cache_dir=cache_dir, streaming=streaming)
     path = Path(dataset_name)
     if path.is_dir() and any((path / m).exists() for m in SAVED_DATASET_MARKERS):
-        return _train_split(_load(datasets.load_from_disk, str(path)), dataset_name)
+        saved = _train_split(_load(datasets.load_from_disk, str(path)), dataset_name)
+        return saved.to_iterable_dataset() if streaming else saved
     if path.is_file():
         builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise UserError(f"--dataset_name '{dataset_name}': cannot read '{path.suffix}' files; "
                             f"use one of {', '.join(DATA_FILE_BUILDERS)}")
-        return _train_split(_load(datasets.load_dataset, builder, data_files=str(path), cache_dir=cache_dir),
-                            dataset_name)
+        return _train_split(_load(datasets.load_dataset, builder, data_files=str(path), cache_dir=cache_dir,
+                                  streaming=streaming), dataset_name)
     if not path.exists() and (dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1):
         raise UserError(f"--dataset_name '{dataset_name}' does not exist")
-    return _train_split(_load(datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir),
-                        dataset_name)
+    return _train_split(_load(datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir,
+                              streaming=streaming), dataset_name)
 
 
 def _load(loader, *args, **kwargs):
@@ -63,7 +65,7 @@ def _load(loader, *args, **kwargs):
 def _train_split(ds, name):
     import datasets
 
-    if isinstance(ds, datasets.DatasetDict):
+    if isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         if "train" in ds:
             return ds["train"]
         if len(ds) == 1:
@@ -74,19 +76,25 @@ def _train_split(ds, name):
 
 def select_columns(ds, image_column: str, caption_column: str, max_train_samples=None, seed=0):
     """Keep the two columns, leave images undecoded (bad ones are skipped later), subsample if asked."""
-    import datasets
-
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in ds.column_names:
-            raise UserError(f"{flag} '{column}' is not in the dataset; its columns are: "
-                            f"{', '.join(ds.column_names)}")
-    ds = ds.select_columns([image_column, caption_column])
-    if isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds = keep_columns_undecoded(ds, image_column, caption_column)
     if len(ds) == 0:
         raise UserError("the dataset is empty")
     if max_train_samples is not None:
         ds = ds.shuffle(seed=seed).select(range(min(max_train_samples, len(ds))))
+    return ds
+
+
+def keep_columns_undecoded(ds, image_column: str, caption_column: str):
+    """The two columns only, images left as bytes/paths. Works on streaming datasets too."""
+    import datasets
+
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if ds.column_names is not None and column not in ds.column_names:
+            raise UserError(f"{flag} '{column}' is not in the dataset; its columns are: "
+                            f"{', '.join(ds.column_names)}")
+    ds = ds.select_columns([image_column, caption_column])
+    if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
 
 
@@ -95,6 +103,13 @@ def select_columns(ds, image_column: str, caption_column: str, max_train_samples
 
 def open_image(value, root=None) -> Image.Image:
     """Any image cell (PIL image, path, bytes, datasets' {'bytes','path'} dict) as an RGB PIL image."""
+    image = open_lazily(value, root)
+    image.load()
+    return to_rgb(image)
+
+
+def open_lazily(value, root=None) -> Image.Image:
+    """The image cell opened but not decoded: its header (size, mode) is read, its pixels are not."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -106,8 +121,7 @@ def open_image(value, root=None) -> Image.Image:
         image = value
     else:
         raise ValueError(f"not an image: {type(value).__name__}")
-    image.load()
-    return to_rgb(image)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -128,14 +142,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
                     rng: random.Random) -> torch.Tensor:
-    """Resize the short side, crop to a square, maybe flip, scale to [-1, 1]: the SD training transform."""
-    image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    """Resize the short side, crop to a square, maybe flip, scale to [-1, 1]: the SD training transform.
+
+    `resolution` may be a (height, width) bucket: the image is resized to cover it, then cropped to it.
+    """
+    out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    if isinstance(resolution, int):
+        image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
+    else:
+        scale = max(out_h / image.height, out_w / image.width)
+        image = TF.resize(image, [max(out_h, round(image.height * scale)), max(out_w, round(image.width * scale))],
+                          interpolation=TF.InterpolationMode.BILINEAR)
     width, height = image.size
     if center_crop:
-        top, left = (height - resolution) // 2, (width - resolution) // 2
+        top, left = (height - out_h) // 2, (width - out_w) // 2
     else:
-        top, left = rng.randint(0, height - resolution), rng.randint(0, width - resolution)
-    image = TF.crop(image, top, left, resolution, resolution)
+        top, left = rng.randint(0, height - out_h), rng.randint(0, width - out_w)
+    image = TF.crop(image, top, left, out_h, out_w)
     if random_flip and rng.random() < 0.5:
         image = TF.hflip(image)
     return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
@@ -173,6 +196,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.root, self.epoch = seed, root, 0
+        self.sizes = None  # aspect-ratio bucketing: a (height, width) per index instead of `resolution`
 
     def set_epoch(self, epoch: int):
         # Worker processes get a fresh copy of the dataset each epoch (no persistent workers), so this reaches them.
@@ -185,25 +209,35 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         for skipped in range(self.MAX_SKIPS):
             i = (index + skipped) % len(self.ds)
             rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
-            row = self.ds[i]
-            try:
-                image = open_image(row[self.image_column], self.root)
-            except Exception:
-                continue
-            pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, rng)
-            return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng)),
-                    "skipped": int(skipped > 0)}
+            size = self.resolution if self.sizes is None else self.sizes[index]
+            sample = self.decode(self.ds[i], rng, size)
+            if sample is not None:
+                return {**sample, "skipped": int(skipped > 0)}
         raise RuntimeError(f"{self.MAX_SKIPS} images in a row from index {index} are unreadable")
 
+    def decode(self, row, rng: random.Random, size):
+        """Pixels and token ids of one row, or None when its image is unreadable."""
+        try:
+            image = open_image(row[self.image_column], self.root)
+        except Exception:
+            return None
+        pixels = image_to_tensor(image, size, self.center_crop, self.random_flip, rng)
+        return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng))}
+
     def tokenize(self, caption: str) -> torch.Tensor:
-        return self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length",
-                              truncation=True, return_tensors="pt").input_ids[0]
+        return tokenize(self.tokenizer, caption)
+
+
+def tokenize(tokenizer, caption: str) -> torch.Tensor:
+    return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                     return_tensors="pt").input_ids[0]
 
 
 def collate(samples):
-    return {"pixel_values": torch.stack([s["pixel_values"] for s in samples]).contiguous(),
-            "input_ids": torch.stack([s["input_ids"] for s in samples]),
-            "skipped": sum(s["skipped"] for s in samples)}
+    """Stack every tensor the samples hold (pixels or cached latents, token ids or cached embeddings)."""
+    batch = {key: torch.stack([s[key] for s in samples]).contiguous() for key in samples[0] if key != "skipped"}
+    batch["skipped"] = sum(s["skipped"] for s in samples)
+    return batch
 
 
 def build_dataset(args, tokenizer, resolution: int, seed: int) -> ImageCaptionDataset:

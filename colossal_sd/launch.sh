@@ -24,7 +24,9 @@ launch_trainer() {
     [ -n "${TRAIN_DATA_DIR:-}" ] && flags+=(--train_data_dir "$TRAIN_DATA_DIR")
     [ -n "${RESOLUTION:-}" ] && flags+=(--resolution "$RESOLUTION")
     [ -n "${MIXED_PRECISION:-}" ] && flags+=(--mixed_precision "$MIXED_PRECISION")
-    flags+=(--validation_steps "$VALIDATION_STEPS" --validation_split "$VALIDATION_SPLIT")
+    flags+=(--validation_steps "$VALIDATION_STEPS")
+    # a stream has no index to hold images out of
+    [[ " $* " != *" --streaming "* ]] && flags+=(--validation_split "$VALIDATION_SPLIT")
     [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}"
                                                          --num_validation_images 2 --validation_inference_steps 10)
 

@@ -104,8 +104,16 @@ def prepare_for_training(parts: StableDiffusionParts, device, frozen_dtype, grad
 @torch.no_grad()
 def encode_batch(parts: StableDiffusionParts, pixel_values, input_ids, generator):
     """Latents (scaled) and text embeddings for one batch, through the frozen models."""
+    return encode_latents(parts, pixel_values, generator), encode_text(parts, input_ids)
+
+
+@torch.no_grad()
+def encode_latents(parts: StableDiffusionParts, pixel_values, generator):
     dtype = next(parts.vae.parameters()).dtype
     latents = parts.vae.encode(pixel_values.to(dtype)).latent_dist.sample(generator)
-    latents = latents * parts.vae.config.scaling_factor
-    encoder_hidden_states = parts.text_encoder(input_ids, return_dict=False)[0]
-    return latents.float(), encoder_hidden_states
+    return (latents * parts.vae.config.scaling_factor).float()
+
+
+@torch.no_grad()
+def encode_text(parts: StableDiffusionParts, input_ids):
+    return parts.text_encoder(input_ids, return_dict=False)[0]

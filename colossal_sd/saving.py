@@ -37,10 +37,12 @@ def save_pipeline(output_dir, parts, unet_state_dict, args):
     # A single file carries no safety checker (diffusers' from_single_file skips it too); its config source
     # may hold only configs, so none is fetched from there.
     no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    # A part freed once its outputs were cached is None here: from_pretrained reloads it from the source.
+    frozen = {name: getattr(parts, name).float().cpu() for name in ("vae", "text_encoder")
+              if getattr(parts, name) is not None}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        parts.source, unet=unet, vae=parts.vae.float().cpu(), text_encoder=parts.text_encoder.float().cpu(),
-        tokenizer=parts.tokenizer, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
-        **(no_checker if parts.single_file else {}))
+        parts.source, unet=unet, **frozen, tokenizer=parts.tokenizer, revision=args.revision,
+        variant=args.variant, cache_dir=args.cache_dir, **(no_checker if parts.single_file else {}))
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
     atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))

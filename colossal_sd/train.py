@@ -6,7 +6,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, ema, lora, models, plugins, saving, single_file, validation
+from colossal_sd import data, distributed, ema, input_pipeline, lora, models, plugins, saving, single_file, speed
+from colossal_sd import validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
@@ -43,12 +44,12 @@ def _train(args, info):
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
-    dataset = data.build_dataset(args, parts.tokenizer, resolution, seed)
-    dataset, held_out = validation.split_off_validation(dataset, args.validation_split, seed)
+    flops_per_sample = speed.unet_flops_per_sample(parts.unet, resolution // parts.vae_scale_factor,
+                                                   parts.unet.config.cross_attention_dim, info.device)
+    speed.speed_up_unet(parts.unet, info.device, args.compile)
+    dataset, held_out, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine)
     loss_options = LossOptions.from_args(args).checked(parts.noise_scheduler)
-    empty_caption = dataset.tokenize("")
-    dataloader = engine.prepare_dataloader(dataset, args.train_batch_size, seed, args.dataloader_num_workers,
-                                           data.collate)
+    empty_caption = data.tokenize(parts.tokenizer, "")
 
     batches_per_epoch = len(dataloader)  # the sampler shortens len(dataloader) in an epoch resumed midway
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -84,25 +85,25 @@ def _train(args, info):
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
     window = _Window(info.device)
+    peak_tflops = speed.bf16_peak_tflops(info.device)
     for epoch in range(start_epoch, epochs):
-        dataset.set_epoch(epoch)
-        dataloader.sampler.set_epoch(epoch)
+        input_pipeline.set_epoch(dataloader, epoch)
         first = start_batch if epoch == start_epoch else 0
-        dataloader.sampler.skip(first * args.train_batch_size)
+        input_pipeline.skip_batches(dataloader, first, args.train_batch_size, tracker.info)
         for micro_step, batch in enumerate(dataloader, start=first):
             accumulation = _group_size(micro_step, args.gradient_accumulation_steps, batches_per_epoch)
             sync = (micro_step + 1) % args.gradient_accumulation_steps == 0 or micro_step + 1 == batches_per_epoch
             with engine.no_sync(unet, optimizer, sync):
-                input_ids = drop_captions(batch["input_ids"].to(info.device, non_blocking=True), empty_caption,
-                                          args.caption_dropout, generator)
-                latents, text = models.encode_batch(parts, batch["pixel_values"].to(info.device, non_blocking=True),
-                                                    input_ids, generator)
+                if "input_ids" in batch:  # cached text embeddings drop their captions in the dataset
+                    batch["input_ids"] = drop_captions(batch["input_ids"].to(info.device, non_blocking=True),
+                                                       empty_caption, args.caption_dropout, generator)
+                latents, text = encode(batch, info.device, generator)
                 if args.train_text_encoder_lora:
-                    text = input_ids  # the model encodes it, through its adapters
+                    text = batch["input_ids"]  # the model encodes it, through its adapters
                 with engine.autocast():
                     loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator, loss_options)
                 engine.backward(loss / accumulation, optimizer)
-            window.add(loss.detach(), len(batch["pixel_values"]))
+            window.add(loss.detach(), len(latents))
             skipped += batch["skipped"]
             if not sync:
                 continue
@@ -112,7 +113,8 @@ def _train(args, info):
             global_step += 1
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
-                tracker.scalars(global_step, window.flush(lr_scheduler.get_last_lr()[0], grad_norm))
+                tracker.scalars(global_step, speed.with_tflops(window.flush(lr_scheduler.get_last_lr()[0], grad_norm),
+                                                               flops_per_sample, peak_tflops, info.world_size))
             if validator.due(global_step, epoch + 1 if micro_step + 1 == batches_per_epoch else None):
                 validator.run(global_step, unet, ema_model)
             stopped = checkpointer.after_step(global_step, epoch, micro_step + 1, generator, max_steps)
