@@ -6,29 +6,11 @@ and peak memory (max RSS of the trainer process).
 """
 
 import argparse
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(flags, output_dir) -> tuple:
-    """Train once; returns (log, peak RSS in MiB) of that process alone (os.wait4 gives per-child usage)."""
-    cmd = [sys.executable, str(ROOT / "stable_diffusion_colossalai_trainer.py"), *flags, "--output_dir", output_dir]
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        log.seek(0)
-        text = log.read()
-    if proc.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{text[-3000:]}")
-    return text, usage.ru_maxrss / 1024  # Linux reports KiB
-
+from measure import run
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
