@@ -21,7 +21,7 @@ def cached_runs(tmp_path_factory):
     """The 02 script (caching on by default) on 2 processes, then a second run on the same cache."""
     tmp = tmp_path_factory.mktemp("cached")
     first = run_script("02_run_trainer_with_colossalai.sh", *FAST, "--random_flip", "--cache_dir", tmp / "cache",
-                       env={"NPROC": "2", "OUTPUT_DIR": str(tmp / "first")})
+                       env={"NPROC": "2", "OUTPUT_DIR": str(tmp / "first"), "VALIDATION_SPLIT": "0"})
     second = run_trainer(*FAST, "--random_flip", "--cache_latents", "--cache_text_embeddings",
                          "--cache_dir", tmp / "cache", "--output_dir", tmp / "second")
     return SimpleNamespace(tmp=tmp, first=first.stdout + first.stderr, second=second.stdout + second.stderr)
@@ -136,7 +136,8 @@ def test_bucketed_cached_run_through_the_02_script(mixed_aspect_folder, tmp_path
     # torch.stack in collate would fail on a batch of mixed shapes: finishing proves each batch is one bucket
     proc = run_script("02_run_trainer_with_colossalai.sh", *FAST[4:], "--resolution", "64",
                       "--aspect_ratio_bucketing", "--cache_dir", tmp_path / "cache",
-                      env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "out"), "TRAIN_DATA_DIR": str(mixed_aspect_folder)})
+                      env={"NPROC": "2", "OUTPUT_DIR": str(tmp_path / "out"), "VALIDATION_SPLIT": "0",
+                           "TRAIN_DATA_DIR": str(mixed_aspect_folder)})
     log = proc.stdout + proc.stderr
     assert "buckets (width x height: images): 80x48: 12, 64x64: 12, 48x80: 12" in log
     assert "cache: encoded 36 of 36 samples" in log

@@ -90,3 +90,16 @@ def test_loss_options_and_caption_dropout_change_training(runs, with_option, wit
 def test_wandb_without_wandb_installed_is_one_line(tmp_path):
     proc = run_trainer("--report_to", "wandb", "--output_dir", tmp_path / "out", check=False, timeout=180)
     assert_one_line_error(proc, "pip install wandb")
+
+
+def test_ema_is_checkpointed_and_resumes_exactly(tmp_path):
+    steps = [*FAST[:-6], "--max_train_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1",
+             "--seed", "7", "--use_ema", "--ema_decay", "0.5"]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run_trainer(*steps, "--output_dir", whole)
+    run_trainer(*steps, "--stop_after_steps", "2", "--output_dir", split)
+    assert (split / "checkpoint-2" / "extra" / "ema.pt").is_file()
+    run_trainer(*steps, "--resume_from_checkpoint", "latest", "--output_dir", split)
+    expected, resumed = unet_weights(whole), unet_weights(split)  # the saved UNet is the EMA one
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
