@@ -157,16 +157,18 @@ class Validator:
         `weights` None: the UNet being trained, as it is (LoRA adapters live inside the frozen UNet)."""
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-        if weights is None:
-            unet = self.parts.unet
+        if weights is None:  # the live, adapted models: moving or casting them would touch what trains
+            unet, vae, text_encoder = self.parts.unet, self.parts.vae, self.parts.text_encoder
         else:
             if self._unet is None:
                 self._unet = UNet2DConditionModel.from_config(self.parts.unet.config).eval()
             self._unet.load_state_dict(weights)
-            unet = self._unet.to(self.device, self.engine.compute_dtype)
+            # Saving the pipeline moves the frozen parts to the CPU in fp32: bring all to one device and dtype.
+            unet, vae, text_encoder = (m.to(self.device, self.engine.compute_dtype)
+                                       for m in (self._unet, self.parts.vae, self.parts.text_encoder))
         # DPM-Solver++ samples well in a few steps; it inherits the training scheduler's betas and prediction type.
         scheduler = DPMSolverMultistepScheduler.from_config(self.parts.noise_scheduler.config)
-        pipeline = StableDiffusionPipeline(vae=self.parts.vae, text_encoder=self.parts.text_encoder,
+        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
                                            tokenizer=self.parts.tokenizer, unet=unet, scheduler=scheduler,
                                            safety_checker=None, feature_extractor=None,
                                            requires_safety_checker=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from colossal_sd import validation
 from conftest import FAST, run_trainer, unet_weights
 from test_bad_input import assert_one_line_error
 
@@ -29,7 +30,9 @@ def runs(tmp_path_factory):
         "one_step": ["--max_train_steps", "1", *SPLIT, *LOSS_OPTIONS, *DROPOUT],
         "no_validation": ["--max_train_steps", "2", *SPLIT, *LOSS_OPTIONS, *DROPOUT],
         "no_dropout": ["--max_train_steps", "2", *SPLIT, *LOSS_OPTIONS],
-        "plain": ["--max_train_steps", "2", *SPLIT],
+        # also: final samples from a bf16 run, whose saving moves the frozen parts to fp32 on the CPU
+        "plain": ["--max_train_steps", "2", *SPLIT, "--mixed_precision", "bf16", "--validation_prompts", PROMPTS[0],
+                  "--num_validation_images", "1", "--validation_inference_steps", "2"],
     }
     logs = {}
     for name, extra in plans.items():
@@ -42,9 +45,12 @@ def test_sample_grids_at_each_validation_and_after_training(runs):
     samples = runs[0] / "ema" / "samples"
     grids = {name: np.asarray(Image.open(samples / f"{name}.png")) for name in ("step-1", "step-2", "final")}
     for grid in grids.values():  # 2 prompts x 3 images of 64 px (32 px upscaled), a label band per row
-        assert grid.shape == (2 * (64 + 14), 3 * 64, 3)
+        assert grid.shape == (2 * (64 + validation.LABEL_HEIGHT), 3 * 64, 3)
     assert not np.array_equal(grids["step-1"], grids["step-2"])
     assert not (runs[0] / "no_validation" / "samples").exists()
+    only_final = sorted(p.name for p in (runs[0] / "plain" / "samples").iterdir())
+    assert only_final == ["final.png"]
+    assert Image.open(runs[0] / "plain" / "samples" / "final.png").size[1] == 64 + validation.LABEL_HEIGHT
 
 
 def test_tensorboard_has_training_scalars_val_loss_and_images(runs):
