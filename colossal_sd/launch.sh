@@ -13,7 +13,7 @@ PLACEMENT="${PLACEMENT:-cpu}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-300}"
 VALIDATION_STEPS="${VALIDATION_STEPS:-50}"
-VALIDATION_SPLIT="${VALIDATION_SPLIT:-0.05}"
+VALIDATION_SPLIT="${VALIDATION_SPLIT:-0.02}"
 # Sample grids of these prompts suit the embedded emoji data; with your own data pass --validation_prompts.
 EMOJI_PROMPTS=("an emoji of grinning face" "an emoji of red heart" "an emoji of rocket")
 
