@@ -16,6 +16,10 @@ def main(argv=None):
     from parse_arguments import parse_args
 
     args = parse_args(argv)
+    if not args.compile:
+        # Importing Colossal-AI warms torch.compile's pool of worker processes; without --compile none is used.
+        import torch._inductor.config
+        torch._inductor.config.compile_threads = 1
     go_offline_if_unreachable(args.pretrained_model_name_or_path, args.dataset_name, args.single_file_config)
     quiet_libraries()
     from colossal_sd.train import train
