@@ -17,9 +17,9 @@ def main(argv=None):
 
     args = parse_args(argv)
     if not args.compile:
-        # Importing Colossal-AI warms torch.compile's pool of worker processes; without --compile none is used.
-        import torch._inductor.config
-        torch._inductor.config.compile_threads = 1
+        # Colossal-AI and bitsandbytes wrap functions in torch.compile as they are imported, which loads the
+        # whole inductor (~30 MiB per process) and warms its worker pool. Nothing is compiled without --compile.
+        os.environ["TORCHDYNAMO_DISABLE"] = "1"
     go_offline_if_unreachable(args.pretrained_model_name_or_path, args.dataset_name, args.single_file_config)
     quiet_libraries()
     from colossal_sd.train import train

@@ -29,13 +29,16 @@ def is_embedded(name) -> bool:
 
 def resolve(name: str) -> str:
     """Map an embedded name to its directory, building it the first time."""
-    builders = {EMBEDDED_MODEL: build_tiny_sd, EMBEDDED_DATASET: build_emoji_imagefolder}
+    # The directory names carry a version: a builder whose output changes gets a fresh directory (and
+    # so fresh latent-cache keys) instead of reusing what an older release built.
+    builders = {EMBEDDED_MODEL: (build_tiny_sd, "tiny-sd-v2"), EMBEDDED_DATASET: (build_emoji_imagefolder, "emoji")}
     if name not in builders:
         from colossal_sd.errors import UserError
         raise UserError(f"unknown embedded name '{name}'; known: {', '.join(builders)}")
-    target = home() / name.split(":", 1)[1]
+    build, directory = builders[name]
+    target = home() / directory
     if not target.exists():
-        _build_atomically(builders[name], target)
+        _build_atomically(build, target)
     return str(target)
 
 
@@ -80,7 +83,11 @@ def write_clip_tokenizer_files(out: Path):
 
 
 def build_tiny_sd(out: Path):
-    """A random-initialised, seed-deterministic SD-shaped pipeline: 64 px images, 16x16x4 latents."""
+    """A seed-deterministic SD-shaped pipeline: 64 px images, 16x16x4 latents.
+
+    The text encoder and UNet are random-initialised; the VAE is fitted to the emoji data (about a minute on a
+    laptop CPU) so that sample grids show the UNet learning shapes and colours instead of decoder noise.
+    """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -95,7 +102,10 @@ def build_tiny_sd(out: Path):
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        sample_size=TINY_RESOLUTION)
+        norm_num_groups=1, sample_size=TINY_RESOLUTION)
+    # One norm group: with 32 groups of one channel, the last GroupNorm erases each channel's mean, and with
+    # it the colour of a flat emoji background, which the tiny decoder then cannot learn in a minute.
+    _fit_vae(vae, Path(resolve(EMBEDDED_DATASET)))
     unet = UNet2DConditionModel(
         sample_size=TINY_RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64, 128), attention_head_dim=8, cross_attention_dim=64,
@@ -110,6 +120,42 @@ def build_tiny_sd(out: Path):
                                    requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_tok")
+
+
+def _fit_vae(vae, image_dir: Path, steps=300, batch_size=16, fit_resolution=32):
+    """Autoencoder training on the emoji, at half resolution (the VAE is convolutional), then the SD latent
+    scale: ``scaling_factor`` makes the latents the UNet sees unit-variance, as in real SD checkpoints."""
+    import torch
+
+    images = _load_images(sorted(image_dir.glob("*.png")), fit_resolution)
+    generator = torch.Generator().manual_seed(MODEL_SEED)
+    optimizer = torch.optim.Adam(vae.parameters())
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        pixels = images[torch.randint(len(images), (batch_size,), generator=generator)]
+        pixels = pixels.flip(-1) if step % 2 else pixels
+        posterior = vae.encode(pixels).latent_dist
+        # Decode a posterior sample, as a real VAE is trained: it shrinks the posterior's variance, which
+        # the trainer samples from. Fitting on the mean alone leaves it at 1, noise as large as the latents.
+        loss = torch.nn.functional.mse_loss(vae.decode(posterior.sample(generator)).sample, pixels)
+        loss = loss + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    with torch.no_grad():
+        sample = _load_images(sorted(image_dir.glob("*.png"))[::16], TINY_RESOLUTION)
+        vae.register_to_config(scaling_factor=round(1.0 / vae.encode(sample).latent_dist.mean.std().item(), 5))
+
+
+def _load_images(paths, resolution):
+    """Images as one [-1, 1] float tensor, N x 3 x resolution x resolution."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)) for p in paths]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 # ---------------------------------------------------------------- data

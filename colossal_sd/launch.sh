@@ -14,6 +14,9 @@ BATCH_SIZE="${BATCH_SIZE:-8}"
 MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-300}"
 VALIDATION_STEPS="${VALIDATION_STEPS:-50}"
 VALIDATION_SPLIT="${VALIDATION_SPLIT:-0.02}"
+# The embedded UNet starts from random weights: it needs a training rate, not the fine-tuning 1e-4 the
+# trainer defaults to for a real checkpoint.
+[ -z "${MODEL_NAME:-}" ] && LEARNING_RATE="${LEARNING_RATE:-1e-3}"
 # Sample grids of these prompts suit the embedded emoji data; with your own data pass --validation_prompts.
 EMOJI_PROMPTS=("an emoji of grinning face" "an emoji of red heart" "an emoji of rocket")
 
@@ -24,6 +27,7 @@ launch_trainer() {
     [ -n "${TRAIN_DATA_DIR:-}" ] && flags+=(--train_data_dir "$TRAIN_DATA_DIR")
     [ -n "${RESOLUTION:-}" ] && flags+=(--resolution "$RESOLUTION")
     [ -n "${MIXED_PRECISION:-}" ] && flags+=(--mixed_precision "$MIXED_PRECISION")
+    [ -n "${LEARNING_RATE:-}" ] && flags+=(--learning_rate "$LEARNING_RATE")
     flags+=(--validation_steps "$VALIDATION_STEPS")
     # a stream has no index to hold images out of
     [[ " $* " != *" --streaming "* ]] && flags+=(--validation_split "$VALIDATION_SPLIT")

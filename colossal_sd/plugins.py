@@ -217,7 +217,9 @@ def _make_booster(plugin: str, precision: str, args):
 def booster_plugin_spec(plugin: str, precision: str, args) -> tuple:
     """The Colossal-AI plugin class name and its keyword arguments for our flags."""
     if plugin in ("torch_ddp", "torch_ddp_fp16"):
-        return "TorchDDPPlugin", {}
+        # Gradients live in DDP's all-reduce buckets instead of beside them: one fp32 copy of the trained
+        # weights less (3.4 GB for SD 1.5's UNet).
+        return "TorchDDPPlugin", {"gradient_as_bucket_view": True}
     if plugin == "low_level_zero":
         return "LowLevelZeroPlugin", {"stage": args.zero_stage or 2,
                                       "precision": "fp32" if precision == "no" else precision,

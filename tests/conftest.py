@@ -25,6 +25,13 @@ def embedded_home(tmp_path_factory):
     return Path(home)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd(embedded_home):
+    """The embedded model's pipeline directory."""
+    from colossal_sd import embedded
+    return Path(embedded.resolve(embedded.EMBEDDED_MODEL))
+
+
 def _env(extra=None):
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     env.update(extra or {})

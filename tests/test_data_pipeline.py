@@ -40,11 +40,11 @@ def test_second_run_re_encodes_nothing(cached_runs):
     assert "cache: encoded" not in cached_runs.second
 
 
-def test_cached_run_saves_a_complete_pipeline_and_logs_throughput(cached_runs, embedded_home):
+def test_cached_run_saves_a_complete_pipeline_and_logs_throughput(cached_runs, tiny_sd):
     # the VAE and text encoder were freed after caching: saving reloads them from the source model
     for part in ("vae", "text_encoder"):
         assert list((cached_runs.tmp / "second" / part).glob("*.safetensors"))
-    assert unet_weights(cached_runs.tmp / "second").keys() == unet_weights(embedded_home / "tiny-sd").keys()
+    assert unet_weights(cached_runs.tmp / "second").keys() == unet_weights(tiny_sd).keys()
     assert re.search(r"tflops=[0-9.e-]+", cached_runs.second)
 
 
@@ -174,9 +174,9 @@ def test_conflicting_data_flags_are_refused(args, expected):
 
 
 @pytest.fixture(scope="module")
-def tiny_unet(embedded_home):
+def tiny_unet(tiny_sd):
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel.from_pretrained(embedded_home / "tiny-sd", subfolder="unet")
+    return UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
 
 
 def test_flops_per_sample_are_counted_and_grow_with_resolution(tiny_unet):

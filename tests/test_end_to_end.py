@@ -19,14 +19,14 @@ def test_02_script_two_processes_trains_and_saves_a_loadable_pipeline(tmp_path):
     assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_training_changes_the_unet_and_lowers_the_loss(tmp_path, embedded_home):
+def test_training_changes_the_unet_and_lowers_the_loss(tmp_path, tiny_sd):
     out = tmp_path / "out"
     proc = run_trainer(*FAST[:-6], "--max_train_steps", "12", "--logging_steps", "4", "--seed", "1",
                        "--learning_rate", "1e-3", "--output_dir", out)
     losses = [float(line.split("loss=")[1].split()[0]) for line in (proc.stdout + proc.stderr).splitlines()
               if line.startswith("step ")]
     assert len(losses) == 3 and losses[-1] < losses[0]
-    before = unet_weights(embedded_home / "tiny-sd")
+    before = unet_weights(tiny_sd)
     after = unet_weights(out)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -25,12 +25,12 @@ def trained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base(embedded_home):
-    return load_pipeline(embedded_home / "tiny-sd")
+def base(tiny_sd):
+    return load_pipeline(tiny_sd)
 
 
-def with_lora(embedded_home, out, weight_name=lora.WEIGHT_NAME):
-    pipeline = load_pipeline(embedded_home / "tiny-sd")
+def with_lora(tiny_sd, out, weight_name=lora.WEIGHT_NAME):
+    pipeline = load_pipeline(tiny_sd)
     pipeline.load_lora_weights(out, weight_name=weight_name)
     return pipeline
 
@@ -39,41 +39,41 @@ def lora_parameters(pipeline):
     return {k: v for k, v in pipeline.unet.state_dict().items() if "lora_" in k}
 
 
-def test_only_the_adapters_train_and_the_file_is_small(trained, embedded_home):
+def test_only_the_adapters_train_and_the_file_is_small(trained, tiny_sd):
     out, log = trained
     trainable = int(re.search(r"([\d,]+) trainable parameters", log).group(1).replace(",", ""))
     weights = load_file(out / lora.WEIGHT_NAME)
     assert sum(w.numel() for w in weights.values()) == trainable
     assert weights and all(k.startswith("unet.") and ".lora." in k for k in weights)
-    unet_file = embedded_home / "tiny-sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_file = tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"
     assert (out / lora.WEIGHT_NAME).stat().st_size < unet_file.stat().st_size / 10
     assert not (out / "unet").exists()  # a LoRA run writes no full pipeline
 
 
-def test_diffusers_file_loads_and_changes_the_images(trained, base, embedded_home):
+def test_diffusers_file_loads_and_changes_the_images(trained, base, tiny_sd):
     out, _ = trained
-    before, after = sample(base), sample(with_lora(embedded_home, out))
+    before, after = sample(base), sample(with_lora(tiny_sd, out))
     assert np.isfinite(after).all() and np.abs(after - before).max() > 1e-2
 
 
-def test_kohya_file_has_a1111_keys_and_loads_to_the_same_weights(trained, embedded_home):
+def test_kohya_file_has_a1111_keys_and_loads_to_the_same_weights(trained, tiny_sd):
     out, _ = trained
     kohya = load_file(out / lora.KOHYA_WEIGHT_NAME)
     assert all(k.startswith("lora_unet_") for k in kohya)
     downs = [k for k in kohya if k.endswith(".lora_down.weight")]
     assert downs and all(k.replace(".lora_down.weight", ".alpha") in kohya for k in downs)
-    from_kohya = lora_parameters(with_lora(embedded_home, out, lora.KOHYA_WEIGHT_NAME))
-    from_diffusers = lora_parameters(with_lora(embedded_home, out))
+    from_kohya = lora_parameters(with_lora(tiny_sd, out, lora.KOHYA_WEIGHT_NAME))
+    from_diffusers = lora_parameters(with_lora(tiny_sd, out))
     assert from_kohya.keys() == from_diffusers.keys() and from_kohya
     for key in from_kohya:
         torch.testing.assert_close(from_kohya[key], from_diffusers[key], rtol=0, atol=0)
 
 
-def test_merged_pipeline_matches_base_plus_lora(trained, embedded_home):
+def test_merged_pipeline_matches_base_plus_lora(trained, tiny_sd):
     out, _ = trained
     merged = load_pipeline(out / lora.MERGED_DIR)
     assert not any("lora" in k for k in merged.unet.state_dict())
-    np.testing.assert_allclose(sample(merged), sample(with_lora(embedded_home, out)), atol=1e-4)
+    np.testing.assert_allclose(sample(merged), sample(with_lora(tiny_sd, out)), atol=1e-4)
 
 
 def test_model_card_says_what_was_trained(trained):
@@ -84,7 +84,7 @@ def test_model_card_says_what_was_trained(trained):
         assert fact in card, fact
 
 
-def test_03_script_two_processes_trains_lora(tmp_path, embedded_home):
+def test_03_script_two_processes_trains_lora(tmp_path, tiny_sd):
     out = tmp_path / "out"
     proc = run_script("03_run_trainer_with_colossalai_lora.sh", *FAST, "--train_text_encoder_lora",
                       "--lora_export_format", "kohya", env={"NPROC": "2", "OUTPUT_DIR": str(out), "LORA_RANK": "2"})
@@ -94,7 +94,7 @@ def test_03_script_two_processes_trains_lora(tmp_path, embedded_home):
     assert {w.shape[0] for k, w in weights.items() if k.endswith("lora.down.weight")} == {2}
     assert any(k.startswith("text_encoder.") for k in weights)  # --train_text_encoder_lora
     assert any(k.startswith("lora_te_") for k in load_file(out / lora.KOHYA_WEIGHT_NAME))
-    pipeline = with_lora(embedded_home, out)
+    pipeline = with_lora(tiny_sd, out)
     assert any("lora_A" in k for k in pipeline.text_encoder.state_dict())
     assert np.isfinite(sample(pipeline)).all()
 
@@ -185,14 +185,14 @@ def test_lora_weights_read_the_same_through_every_wrapper_the_booster_returns():
         assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
 
 
-def test_lora_checkpoints_load_as_lora_and_resume_exactly(tmp_path, embedded_home):
+def test_lora_checkpoints_load_as_lora_and_resume_exactly(tmp_path, tiny_sd):
     steps = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     run_trainer(*FAST, *LORA, *steps, "--output_dir", whole)
     run_trainer(*FAST, *LORA, *steps, "--stop_after_steps", "2", "--output_dir", split)
     checkpoint = split / "checkpoint-2"
     assert not (checkpoint / "unet").exists()
-    with_lora(embedded_home, checkpoint)  # any checkpoint of a LoRA run loads as a LoRA
+    with_lora(tiny_sd, checkpoint)  # any checkpoint of a LoRA run loads as a LoRA
     run_trainer(*FAST, *LORA, *steps, "--resume_from_checkpoint", "latest", "--output_dir", split)
     expected, resumed = load_file(whole / lora.WEIGHT_NAME), load_file(split / lora.WEIGHT_NAME)
     for key in expected:

@@ -62,7 +62,10 @@ def test_low_level_zero_spec(precision, expected, stage_flags, stage):
 
 @pytest.mark.parametrize("plugin", ["torch_ddp", "torch_ddp_fp16"])
 def test_torch_ddp_spec(plugin):
-    assert plugins.booster_plugin_spec(plugin, "fp16", args_for()) == ("TorchDDPPlugin", {})
+    from colossalai.booster.plugin import TorchDDPPlugin
+    name, kwargs = plugins.booster_plugin_spec(plugin, "fp16", args_for())
+    assert (name, kwargs) == ("TorchDDPPlugin", {"gradient_as_bucket_view": True})
+    assert set(kwargs) <= set(inspect.signature(TorchDDPPlugin.__init__).parameters)
 
 
 @pytest.mark.parametrize("plugin,cuda,expected", [("auto", True, "gemini"), ("auto", False, "torch_ddp"),

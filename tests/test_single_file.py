@@ -77,10 +77,10 @@ def test_diffusers_from_single_file_gives_back_the_saved_pipeline(trained):
     assert_same_models(saved, reloaded)
 
 
-def test_training_from_a_single_file_matches_training_from_the_directory(trained, tmp_path, embedded_home):
+def test_training_from_a_single_file_matches_training_from_the_directory(trained, tmp_path, tiny_sd):
     """Same weights, seed and data: a .safetensors base model trains to the very same UNet as the directory."""
     out, _ = trained
-    base = single_file.save_single_file(embedded_home / "tiny-sd", tmp_path / "tiny.safetensors")
+    base = single_file.save_single_file(tiny_sd, tmp_path / "tiny.safetensors")
     run_trainer(*FAST, "--pretrained_model_name_or_path", base, "--single_file_config", EMBEDDED_MODEL,
                 "--output_dir", tmp_path / "out")
     expected, got = unet_weights(out), unet_weights(tmp_path / "out")
@@ -88,11 +88,11 @@ def test_training_from_a_single_file_matches_training_from_the_directory(trained
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
-def test_a_ckpt_that_runs_code_is_refused_unless_allowed(tmp_path, embedded_home):
+def test_a_ckpt_that_runs_code_is_refused_unless_allowed(tmp_path, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
     marker = tmp_path / "code-ran"
-    tiny = embedded_home / "tiny-sd"
+    tiny = tiny_sd
     ldm = load_file(single_file.save_single_file(tiny, tmp_path / "tiny.safetensors"))
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": ldm, "callbacks": PlantedCode(marker)}, ckpt)

@@ -22,6 +22,22 @@ def test_embedded_dataset_is_a_captioned_imagefolder():
     assert all((folder / r["file_name"]).exists() and r["text"].startswith("an emoji of ") for r in rows[:50])
 
 
+def test_embedded_vae_is_fitted_to_the_emoji_so_samples_can_show_shapes():
+    from pathlib import Path
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(embedded.resolve(embedded.EMBEDDED_MODEL), subfolder="vae")
+    images = embedded._load_images(sorted(Path(embedded.resolve(embedded.EMBEDDED_DATASET)).glob("*.png"))[::64],
+                                   embedded.TINY_RESOLUTION)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+        error = torch.nn.functional.mse_loss(vae.decode(posterior.mean).sample, images)
+    mean_image_error = torch.nn.functional.mse_loss(images.mean(0, keepdim=True).expand_as(images), images)
+    assert error < 0.4 * mean_image_error  # a random VAE decodes to noise, far worse than the mean image
+    # what the UNet trains on: unit-variance latents, with sampling noise small against them
+    assert 0.8 < (posterior.mean * vae.config.scaling_factor).std() < 1.25
+    assert posterior.std.mean() < 0.2 * posterior.mean.std()
+
+
 def test_rank_seeds_differ_and_repeat():
     seeds = [distributed.rank_seed(42, r) for r in range(4)]
     assert len(set(seeds)) == 4

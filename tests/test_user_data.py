@@ -26,8 +26,8 @@ def awkward_images():
     return good, bad
 
 
-def test_local_pipeline_and_awkward_imagefolder_with_two_processes(tmp_path, embedded_home):
-    model = shutil.copytree(embedded_home / "tiny-sd", tmp_path / "my-sd")
+def test_local_pipeline_and_awkward_imagefolder_with_two_processes(tmp_path, tiny_sd):
+    model = shutil.copytree(tiny_sd, tmp_path / "my-sd")
     good, bad = awkward_images()
     captions = {name: [f"a picture called {name}", "another caption"] for name in good}
     captions.update({name: ["unreadable"] for name in bad})
