@@ -18,7 +18,7 @@ else
 fi
 # Latents and text embeddings are encoded once and cached (CACHE=0 turns it off; streaming cannot cache).
 cache_flags=()
-if [ "${CACHE:-1}" = 1 ] && [[ " $* " != *" --streaming "* ]]; then
+if [ "${CACHE:-1}" = 1 ] && ! passed --streaming "$@"; then
     cache_flags=(--cache_latents --cache_text_embeddings)
 fi
 launch_trainer --plugin "$PLUGIN" --placement "$PLACEMENT" ${cache_flags[@]+"${cache_flags[@]}"} "$@"

@@ -127,7 +127,8 @@ def _fit_vae(vae, image_dir: Path, steps=300, batch_size=16, fit_resolution=32):
     scale: ``scaling_factor`` makes the latents the UNet sees unit-variance, as in real SD checkpoints."""
     import torch
 
-    images = _load_images(sorted(image_dir.glob("*.png")), fit_resolution)
+    paths = sorted(image_dir.glob("*.png"))
+    images = load_images(paths, fit_resolution)
     generator = torch.Generator().manual_seed(MODEL_SEED)
     optimizer = torch.optim.Adam(vae.parameters())
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
@@ -144,18 +145,20 @@ def _fit_vae(vae, image_dir: Path, steps=300, batch_size=16, fit_resolution=32):
         optimizer.step()
         schedule.step()
     with torch.no_grad():
-        sample = _load_images(sorted(image_dir.glob("*.png"))[::16], TINY_RESOLUTION)
-        vae.register_to_config(scaling_factor=round(1.0 / vae.encode(sample).latent_dist.mean.std().item(), 5))
+        latents = vae.encode(load_images(paths[::16], TINY_RESOLUTION)).latent_dist.mean
+        vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
 
 
-def _load_images(paths, resolution):
-    """Images as one [-1, 1] float tensor, N x 3 x resolution x resolution."""
-    import numpy as np
+def load_images(paths, resolution):
+    """Images through the trainer's own transform (centre crop, no flip), stacked: N x 3 x resolution²."""
+    import random
+
     import torch
-    from PIL import Image
 
-    arrays = [np.asarray(Image.open(p).convert("RGB").resize((resolution, resolution), Image.BICUBIC)) for p in paths]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    from colossal_sd import data
+
+    rng = random.Random(0)
+    return torch.stack([data.image_to_tensor(data.open_image(p), resolution, True, False, rng) for p in paths])
 
 
 # ---------------------------------------------------------------- data

@@ -56,3 +56,17 @@ def test_mixed_precision_on_cpu_trains(tmp_path, precision):
     assert f"precision={precision}" in proc.stdout + proc.stderr
     weights = unet_weights(out)
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.parametrize("extra,embedded_model,embedded_data", [
+    ([], True, True),
+    (["--pretrained_model_name_or_path", "my/sd"], False, True),
+    (["--pretrained_model_name_or_path=my/sd", "--dataset_name", "my/data"], False, False),
+])
+def test_scripts_use_demo_defaults_only_on_the_embedded_model_and_data(extra, embedded_model, embedded_data):
+    # PYTHON=echo prints the trainer command the script would run
+    command = run_script("02_run_trainer_with_colossalai.sh", *extra, env={"PYTHON": "echo"}).stdout.split()
+    assert (command.count("--learning_rate") == 1 and command[command.index("--learning_rate") + 1] == "1e-3") \
+        == embedded_model  # a real checkpoint keeps the fine-tuning default 1e-4
+    assert ("--validation_prompts" in command) == embedded_data
+

@@ -92,11 +92,10 @@ def test_a_ckpt_that_runs_code_is_refused_unless_allowed(tmp_path, tiny_sd):
     from diffusers import StableDiffusionPipeline
 
     marker = tmp_path / "code-ran"
-    tiny = tiny_sd
-    ldm = load_file(single_file.save_single_file(tiny, tmp_path / "tiny.safetensors"))
+    ldm = load_file(single_file.save_single_file(tiny_sd, tmp_path / "tiny.safetensors"))
     ckpt = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": ldm, "callbacks": PlantedCode(marker)}, ckpt)
-    config = configs_only(tiny, tmp_path / "configs")
+    config = configs_only(tiny_sd, tmp_path / "configs")
     args = ["--pretrained_model_name_or_path", ckpt, "--single_file_config", config, *FAST]
 
     proc = run_trainer(*args, "--output_dir", tmp_path / "refused", check=False, timeout=180)
@@ -107,7 +106,7 @@ def test_a_ckpt_that_runs_code_is_refused_unless_allowed(tmp_path, tiny_sd):
     run_trainer(*args, "--max_train_steps", "1", "--allow_unsafe_pickle", "--output_dir", tmp_path / "allowed")
     assert marker.exists()
     saved = StableDiffusionPipeline.from_pretrained(tmp_path / "allowed", local_files_only=True)
-    base = StableDiffusionPipeline.from_pretrained(tiny, local_files_only=True)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
     for name in ("vae", "text_encoder"):  # frozen: exactly the file's weights
         assert all(torch.equal(v, getattr(base, name).state_dict()[k])
                    for k, v in getattr(saved, name).state_dict().items())

@@ -26,7 +26,7 @@ def test_embedded_vae_is_fitted_to_the_emoji_so_samples_can_show_shapes():
     from pathlib import Path
     from diffusers import AutoencoderKL
     vae = AutoencoderKL.from_pretrained(embedded.resolve(embedded.EMBEDDED_MODEL), subfolder="vae")
-    images = embedded._load_images(sorted(Path(embedded.resolve(embedded.EMBEDDED_DATASET)).glob("*.png"))[::64],
+    images = embedded.load_images(sorted(Path(embedded.resolve(embedded.EMBEDDED_DATASET)).glob("*.png"))[::64],
                                    embedded.TINY_RESOLUTION)
     with torch.no_grad():
         posterior = vae.encode(images).latent_dist
