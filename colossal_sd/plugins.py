@@ -102,7 +102,9 @@ class Engine:
         if self.optimizer_kind == "adamw_8bit":
             import bitsandbytes
             return bitsandbytes.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps)
-        fused = self.dist.device.type == "cuda" and self.plugin != "low_level_zero"
+        # One fused kernel over all parameters, on CUDA and CPU alike: on CPU, foreach AdamW loops per tensor
+        # (16 ms against 4 ms a step on the tiny UNet's 326 tensors).
+        fused = self.plugin != "low_level_zero"
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, eps=eps,
                                  **({"fused": True} if fused else {"foreach": True}))
 
@@ -164,6 +166,14 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def release_optimizer_state(self, optimizer):
+        """After the last step: drop the Adam moments (twice the trainable weights), so that saving, which
+        reloads the encoders a cache freed, does not raise the run's peak memory."""
+        if self.plugin in ("gemini", "low_level_zero"):
+            return  # their state lives in shards and chunks the plugin owns
+        getattr(optimizer, "optim", optimizer).state.clear()
+        _return_freed_memory_to_the_os()
+
     # -- saving
     def full_state_dict(self, model) -> Optional[dict]:
         """The whole trainable model's fp32 state dict on global rank 0 (None elsewhere). Collective."""
@@ -187,6 +197,16 @@ class Engine:
             self.booster.save_model(model, shared[0], shard=False, use_safetensors=True)
             barrier()
             return load_file(shared[0]) if self.dist.is_main else None
+
+
+def _return_freed_memory_to_the_os():
+    """glibc keeps small freed blocks (most Adam moments of a small model) in its heap; trimming hands them back,
+    so what is allocated next (the reloaded encoders) does not grow the process past its training peak."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def build_engine(args, dist: DistInfo) -> Engine:
@@ -268,7 +288,7 @@ def check_plugin_flags(plugin: str, args):
 
 
 def choose_optimizer(plugin: str, cuda: bool, use_8bit_adam: bool, cpu_offload: bool) -> str:
-    """adamw (torch, fused on CUDA), hybrid_adam (Colossal-AI's CPU/GPU Adam) or adamw_8bit (bitsandbytes)."""
+    """adamw (torch, fused), hybrid_adam (Colossal-AI's CPU/GPU Adam) or adamw_8bit (bitsandbytes)."""
     if use_8bit_adam:
         if plugin not in ("none", "torch_ddp", "torch_ddp_fp16"):
             raise UserError(f"--use_8bit_adam works with --plugin torch_ddp, torch_ddp_fp16 or none, not {plugin} "

@@ -127,6 +127,7 @@ def _train(args, info):
         tracker.close()
         return
 
+    engine.release_optimizer_state(optimizer)
     dist.all_reduce(skipped)
     if skipped.item():
         tracker.info(f"skipped {int(skipped.item())} unreadable images (each replaced by the next readable one)")
