@@ -33,13 +33,13 @@ import torch.distributed as dist
 from colossal_sd.data_position import start_of
 from colossal_sd.distributed import barrier
 from colossal_sd.errors import UserError, first_line
+from colossal_sd.plugins import SHARDED_PLUGINS
 from colossal_sd.preemption import StopRequest, report_clean_stop
 
 MARKER = "checkpoint_complete.json"
 STATE = "training_state.json"
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 LORA_MODEL_WEIGHTS = "lora_run/model.safetensors"  # the boosted LoRA model, base included, for resuming only
-SHARDED = ("gemini", "low_level_zero")  # plugins whose optimizer state is split across ranks
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -148,13 +148,13 @@ def load_unet(engine, model, folder: Path, use_lora: bool = False):
 def optimizer_path(engine, folder: Path) -> str:
     """A directory of per-rank shards where the plugin shards the optimizer, else one file (replicated DDP
     state; Colossal-AI 0.5.0 also cannot load a sharded optimizer on a CPU accelerator)."""
-    return str(folder / ("optimizer" if engine.plugin in SHARDED else "optimizer.bin"))
+    return str(folder / ("optimizer" if engine.plugin in SHARDED_PLUGINS else "optimizer.bin"))
 
 
 def save_optimizer(engine, optimizer, folder: Path):
     path = optimizer_path(engine, folder)
     if engine.booster is not None:
-        engine.booster.save_optimizer(optimizer, path, shard=engine.plugin in SHARDED)
+        engine.booster.save_optimizer(optimizer, path, shard=engine.plugin in SHARDED_PLUGINS)
     elif engine.dist.is_main:
         torch.save(optimizer.state_dict(), path)
 

@@ -37,6 +37,8 @@ GPU_ONLY_PLUGINS = {
     "torch_ddp_fp16": "Booster's fp16 mixed precision uses torch.cuda.amp",
 }
 PLUGIN_DEFAULT_PRECISION = {"gemini": "fp16", "torch_ddp_fp16": "fp16"}
+# They split optimizer state across ranks, keep it in buffers they own, and clip inside their optimizer.
+SHARDED_PLUGINS = ("gemini", "low_level_zero")
 
 
 def resolve_plugin(plugin: str, cuda: bool, lora: bool = False) -> str:
@@ -75,7 +77,6 @@ class Engine:
     booster: object = None  # colossalai Booster, or None for plain DDP
     scaler: Optional[torch.amp.GradScaler] = None
     _autocast_dtype: Optional[torch.dtype] = None
-    _clip_in_plugin: bool = False
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -153,7 +154,7 @@ class Engine:
         norm = None
         if self.scaler is not None:
             self.scaler.unscale_(raw)
-        if self.max_grad_norm > 0 and not self._clip_in_plugin:
+        if self.max_grad_norm > 0 and self.plugin not in SHARDED_PLUGINS:
             if hasattr(optimizer, "clip_grad_by_norm"):
                 norm = optimizer.clip_grad_by_norm(self.max_grad_norm)
             else:
@@ -169,8 +170,8 @@ class Engine:
     def release_optimizer_state(self, optimizer):
         """After the last step: drop the Adam moments (twice the trainable weights), so that saving, which
         reloads the encoders a cache freed, does not raise the run's peak memory."""
-        if self.plugin in ("gemini", "low_level_zero"):
-            return  # their state lives in shards and chunks the plugin owns
+        if self.plugin in SHARDED_PLUGINS:
+            return
         getattr(optimizer, "optim", optimizer).state.clear()
         _return_freed_memory_to_the_os()
 
@@ -223,7 +224,6 @@ def build_engine(args, dist: DistInfo) -> Engine:
             engine.scaler = torch.amp.GradScaler(dist.device.type)
     if plugin != "none":
         engine.booster = _make_booster(plugin, precision, args)
-        engine._clip_in_plugin = plugin in ("gemini", "low_level_zero")
     return engine
 
 

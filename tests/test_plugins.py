@@ -193,3 +193,16 @@ def test_two_nodes_on_localhost_train_together_and_write_once(tmp_path):
     combined = "".join(logs)
     assert combined.count("saved the pipeline") == 1 and combined.count("processes=2") == 1
     assert load_pipeline(out) is not None
+
+
+def test_cpu_adamw_is_fused_and_its_state_is_freed_before_saving():
+    from colossal_sd.distributed import DistInfo
+    engine = plugins.Engine("none", "no", DistInfo(0, 0, 1, torch.device("cpu")), 1.0)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = engine.make_optimizer(layer.parameters(), 1e-3, (0.9, 0.999), 0.0, 1e-8)
+    assert optimizer.defaults["fused"]  # one kernel per step on CPU too, not a loop over tensors
+    layer(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    assert optimizer.state  # Adam moments exist while training
+    engine.release_optimizer_state(optimizer)
+    assert not optimizer.state  # and are gone before saving reloads the encoders
