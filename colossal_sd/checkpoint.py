@@ -198,12 +198,12 @@ class Checkpointer:
     grad scaler, the random states, the data position, and any `extras` (name -> object with
     state_dict()/load_state_dict(), e.g. an EMA model)."""
 
-    def __init__(self, args, info, engine, model, optimizer, lr_scheduler, unet_config,
+    def __init__(self, args, info, engine, model, optimizer, lr_scheduler, unet_config, stop_request: StopRequest,
                  extras: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print):
         self.args, self.info, self.engine = args, info, engine
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.unet_config, self.extras, self.log = unet_config, dict(extras or {}), log
-        self.stop_request = StopRequest()
+        self.stop_request = stop_request
         self.first_step = 0
 
     def resume(self, generator: torch.Generator, batches_per_epoch: int) -> tuple:
@@ -240,9 +240,6 @@ class Checkpointer:
             if self.info.is_main:
                 report_clean_stop(message)
         return reason is not None
-
-    def close(self):
-        self.stop_request.close()
 
     def _stateful(self) -> dict:
         """File name -> object whose state_dict() rank 0 writes as is."""

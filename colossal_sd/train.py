@@ -11,6 +11,7 @@ from colossal_sd import validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
+from colossal_sd.preemption import StopRequest
 from colossal_sd.tracking import Tracker
 
 
@@ -25,13 +26,15 @@ def build_everything_embedded_first(args, info):
 
 def train(args):
     info = distributed.init_distributed()
+    stop_request = StopRequest()  # from the start: a signal at any point is a flag, never a traceback
     try:
-        _train(args, info)
+        _train(args, info, stop_request)
     finally:
+        stop_request.close()
         distributed.shutdown_distributed()
 
 
-def _train(args, info):
+def _train(args, info, stop_request):
     engine = plugins.build_engine(args, info)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -79,7 +82,8 @@ def _train(args, info):
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
-    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, log=tracker.info,
+    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
+                                log=tracker.info,
                                 extras={"ema": ema_model} if ema_model is not None else None)
     global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
     tracker.step(global_step)
@@ -122,7 +126,6 @@ def _train(args, info):
                 break
         if global_step >= max_steps or stopped:
             break
-    checkpointer.close()
     if stopped:
         tracker.close()
         return
