@@ -72,10 +72,11 @@ def test_a_run_stopped_early_leaves_the_earlier_pipeline_marked_as_the_earlier_r
     assert (out / "checkpoint-1" / "checkpoint_complete.json").is_file()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
-def test_a_signal_during_the_final_save_lets_it_complete_then_exits_0(tmp_path, signum):
+@pytest.mark.parametrize("signum, nproc", [(signal.SIGTERM, None), (signal.SIGINT, None), (signal.SIGTERM, 2)],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-to-torchrun"])
+def test_a_signal_during_the_final_save_lets_it_complete_then_exits_0(tmp_path, signum, nproc):
     out = tmp_path / "out"
-    proc, log = start_trainer(*RUN, "--output_dir", out), []
+    proc, log = start_trainer(*RUN, "--output_dir", out, nproc=nproc, launcher="colossal_sd.launch"), []
     read_until(proc, f"saving the pipeline to {out}", log)
     proc.send_signal(signum)
     text = finish(proc, log)
