@@ -117,6 +117,7 @@ def test_an_unmarked_earlier_pipeline_is_set_aside_as_such(tmp_path):
     said = []
     set_aside_earlier_outputs(tmp_path, said.append)
     [previous] = list((tmp_path / "previous_runs").iterdir())
-    assert previous.name.endswith("-unmarked") and sorted(p.name for p in previous.iterdir()) == ["model_index.json", "unet"]
+    assert previous.name.endswith("-unmarked")
+    assert sorted(p.name for p in previous.iterdir()) == ["model_index.json", "unet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "previous_runs"]
     assert "an older version wrote it, or its save was interrupted" in said[0]
