@@ -6,12 +6,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, ema, input_pipeline, lora, models, plugins, saving, single_file, speed
-from colossal_sd import validation
+from colossal_sd import data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins, saving
+from colossal_sd import single_file, speed, validation
 from colossal_sd.checkpoint import Checkpointer
+from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
-from colossal_sd.preemption import StopRequest
+from colossal_sd.preemption import StopRequest, signalled_during_final_save
 from colossal_sd.tracking import Tracker
 
 
@@ -82,10 +83,13 @@ def _train(args, info, stop_request):
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
+    guard = DivergenceGuard(args, engine, optimizer, before_stop=tracker.close)
     checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
-                                log=tracker.info,
+                                log=tracker.info, before_save=guard.check_weights,
                                 extras={"ema": ema_model} if ema_model is not None else None)
     global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
+    if info.is_main:
+        final_outputs.set_aside_earlier_outputs(args.output_dir, tracker.info)
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
     window = _Window(info.device)
@@ -117,8 +121,9 @@ def _train(args, info, stop_request):
             global_step += 1
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
-                tracker.scalars(global_step, speed.with_tflops(window.flush(lr_scheduler.get_last_lr()[0], grad_norm),
-                                                               flops_per_sample, peak_tflops, info.world_size))
+                logged = window.flush(lr_scheduler.get_last_lr()[0], grad_norm)
+                tracker.scalars(global_step, speed.with_tflops(logged, flops_per_sample, peak_tflops, info.world_size))
+                guard.check_logged(global_step, logged)
             if validator.due(global_step, epoch + 1 if micro_step + 1 == batches_per_epoch else None):
                 validator.run(global_step, unet, ema_model)
             stopped = checkpointer.after_step(global_step, epoch, micro_step + 1, generator, max_steps)
@@ -130,6 +135,8 @@ def _train(args, info, stop_request):
         tracker.close()
         return
 
+    guard.check_weights(global_step)
+    tracker.info(f"saving the {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")
     engine.release_optimizer_state(optimizer)
     dist.all_reduce(skipped)
     if skipped.item():
@@ -146,7 +153,10 @@ def _train(args, info, stop_request):
         tracker.info(f"saved the pipeline to {args.output_dir}")
         if args.save_single_file:
             tracker.info(f"saved the single-file checkpoint {single_file.save_single_file(args.output_dir)}")
-    validator.final(state)
+    if info.is_main:
+        final_outputs.mark_complete(args.output_dir, global_step, seed, args)
+    if not signalled_during_final_save(stop_request, info, args.output_dir, tracker.info):
+        validator.final(state)
     distributed.barrier()
     tracker.close()
 
