@@ -92,7 +92,7 @@ def _train(args, info, stop_request):
         final_outputs.set_aside_earlier_outputs(args.output_dir, tracker.info)
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
-    window = _Window(info.device)
+    window = _Window(info.device, loss_scaled=engine.precision == "fp16")
     peak_tflops = speed.bf16_peak_tflops(info.device)
     for epoch in range(start_epoch, epochs):
         input_pipeline.set_epoch(dataloader, epoch)
@@ -174,30 +174,41 @@ def _logging_dir(args):
 
 
 class _Window:
-    """Loss and throughput since the last log line. Values stay on the device until logged: no per-step sync."""
+    """Loss and throughput since the last log line. Values stay on the device until logged: no per-step sync.
 
-    def __init__(self, device):
-        self.device = device
+    Under fp16 loss scaling a non-finite loss is a step the scaler skips: it is counted (`skipped_losses`) and
+    left out of the mean, which becomes nan only when every loss of the window was non-finite."""
+
+    def __init__(self, device, loss_scaled: bool = False):
+        self.device, self.loss_scaled = device, loss_scaled
         self.reset()
 
     def reset(self):
         self.loss_sum = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros((), device=self.device)
         self.micro_batches = 0
         self.images = 0
         self.start = time.perf_counter()
 
     def add(self, loss, images):
+        if self.loss_scaled:
+            finite = torch.isfinite(loss)
+            loss = torch.where(finite, loss, 0.0)
+            self.skipped += ~finite
         self.loss_sum += loss
         self.micro_batches += 1
         self.images += images
 
     def flush(self, lr, grad_norm) -> dict:
-        stats = torch.stack([self.loss_sum / max(self.micro_batches, 1),
-                             torch.tensor(float(self.images), device=self.device)])
+        counted = self.micro_batches - self.skipped
+        stats = torch.stack([self.loss_sum, counted, torch.tensor(float(self.images), device=self.device),
+                             self.skipped])
         dist.all_reduce(stats)
-        world = dist.get_world_size()
-        values = {"loss": stats[0].item() / world, "lr": lr,
-                  "images_per_s": stats[1].item() / (time.perf_counter() - self.start)}
+        loss_sum, counted, images, skipped = stats.tolist()
+        values = {"loss": loss_sum / counted if counted else math.nan, "lr": lr,
+                  "images_per_s": images / (time.perf_counter() - self.start)}
+        if skipped:
+            values["skipped_losses"] = skipped
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         self.reset()
