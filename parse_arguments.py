@@ -272,7 +272,7 @@ def add_quality_arguments(p: argparse.ArgumentParser):
 
 def check_quality_arguments(args: argparse.Namespace):
     if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
-        raise UserError("need 0 <= --min_timestep < --max_timestep")
+        raise UserError(f"need --min_timestep < --max_timestep (got {args.min_timestep} and {args.max_timestep})")
     if args.report_to in ("wandb", "all"):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

@@ -115,8 +115,8 @@ def check_column_kinds(features, image_column: str, caption_column: str):
 
 
 def _kind(feature) -> str:
-    """"images" (an Image feature, raw bytes, or datasets' {bytes, path} struct), "text" (strings: captions or
-    image paths), or what else the column holds."""
+    """What a column holds: images (an Image feature, raw bytes, or datasets' {bytes, path} struct), text
+    (strings: captions or image paths), lists of text, or the type it holds otherwise."""
     import datasets
 
     dtype = getattr(feature, "dtype", None)

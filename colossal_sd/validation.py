@@ -48,7 +48,8 @@ def check_split_leaves_training_data(samples: int, fraction: float):
     if math.ceil(fraction * samples) < samples:
         return
     if samples < 2:
-        raise UserError(f"--validation_split {fraction} holds out the dataset's only sample; drop --validation_split")
+        raise UserError(f"--validation_split {fraction} holds out the dataset's only sample; "
+                        "drop --validation_split")
     largest = math.floor((samples - 1) / samples * 1000) / 1000  # rounded down, so that it still leaves one
     raise UserError(f"--validation_split {fraction} holds out all {samples} samples, leaving none to train on; "
                     f"use at most {largest:g}")

@@ -139,7 +139,8 @@ def test_metadata_jsonl_with_a_malformed_line(tmp_path):
 
 
 @pytest.mark.parametrize("name,text,expected", [
-    ("metadata.csv", 'file_name,text\n0.png,a\n1.png,a red, square\n', "metadata.csv line 3: 3 fields, the header has 2"),
+    ("metadata.csv", 'file_name,text\n0.png,a\n1.png,a red, square\n',
+     "metadata.csv line 3: 3 fields, the header has 2"),
     ("metadata.csv", 'file_name,text\n0.png,"a red\n1.png,a\n', "metadata.csv line 2: unexpected end of data"),
     ("metadata.jsonl", '{"file_name": "0.png", "text": "a"}\n["1.png", "a"]\n', "metadata.jsonl line 2: a JSON list"),
 ])
