@@ -6,7 +6,9 @@ traceback).
 """
 
 import argparse
+import math
 import os
+from typing import NamedTuple, Optional
 
 from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
@@ -16,6 +18,64 @@ from colossal_sd.tracking import REPORT_TO
 
 PLUGINS = ("auto", "torch_ddp", "torch_ddp_fp16", "gemini", "low_level_zero", "none")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class Range(NamedTuple):
+    """The values a numeric flag accepts. NaN and infinity lie in no range: every comparison with NaN is False,
+    so a check written as `if value < low: raise` lets NaN through."""
+    low: float
+    high: Optional[float] = None  # None: no upper bound
+    low_closed: bool = True
+    high_closed: bool = False
+    note: str = ""
+
+    def __contains__(self, value) -> bool:
+        return (math.isfinite(value)
+                and (value >= self.low if self.low_closed else value > self.low)
+                and (self.high is None or (value <= self.high if self.high_closed else value < self.high)))
+
+    def describe(self, integer: bool) -> str:
+        if self.high is not None:
+            text = f"in {'[' if self.low_closed else '('}{self.low}, {self.high}{']' if self.high_closed else ')'}"
+        elif integer:
+            text = f"at least {self.low}"
+        else:
+            text = f"a finite number {'>=' if self.low_closed else '>'} {self.low}"
+        return f"{text}, {self.note}" if self.note else text
+
+
+AT_LEAST_1, AT_LEAST_0, POSITIVE = Range(1), Range(0), Range(0, low_closed=False)
+FRACTION = Range(0, 1)  # [0, 1): a probability or share that must leave something
+SHARE = Range(0, 1, high_closed=True)
+SEED = Range(0, 2**64 - 1, high_closed=True)  # torch.manual_seed's range; numpy's SeedSequence refuses negatives
+
+# Every numeric flag and what it accepts; a flag left unset (None) is not checked.
+VALUE_RANGES = {
+    "train_batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "num_train_epochs": AT_LEAST_1,
+    "max_train_steps": AT_LEAST_1, "max_train_samples": AT_LEAST_1, "resolution": AT_LEAST_1,
+    "logging_steps": AT_LEAST_1, "checkpointing_steps": AT_LEAST_1, "checkpoints_total_limit": AT_LEAST_1,
+    "stop_after_steps": AT_LEAST_1, "bucket_step": AT_LEAST_1, "dataloader_num_workers": AT_LEAST_0,
+    "seed": SEED, "validation_seed": SEED,
+    "learning_rate": POSITIVE, "lr_warmup_steps": AT_LEAST_0,
+    "adam_beta1": FRACTION, "adam_beta2": FRACTION, "adam_weight_decay": AT_LEAST_0, "adam_epsilon": POSITIVE,
+    "max_grad_norm": Range(0, note="0 disables clipping"),
+    "max_aspect_ratio": Range(1),
+    "offload_optim_frac": SHARE, "offload_param_frac": SHARE,
+    "gemini_search_range_m": AT_LEAST_1, "gemini_min_chunk_size_m": POSITIVE, "gemini_max_prefetch": AT_LEAST_0,
+    "rank": AT_LEAST_1, "lora_alpha": POSITIVE, "lora_dropout": FRACTION,
+    "ema_decay": Range(0, 1, low_closed=False),
+    "snr_gamma": POSITIVE, "noise_offset": AT_LEAST_0, "input_perturbation": AT_LEAST_0,
+    "caption_dropout": FRACTION, "min_timestep": AT_LEAST_0, "max_timestep": AT_LEAST_1,
+    "num_validation_images": AT_LEAST_1, "validation_inference_steps": AT_LEAST_1,
+    "validation_steps": AT_LEAST_1, "validation_epochs": AT_LEAST_1, "validation_split": FRACTION,
+}
+
+
+def check_ranges(args: argparse.Namespace, ranges=VALUE_RANGES):
+    for flag, accepted in ranges.items():
+        value = getattr(args, flag, None)
+        if value is not None and value not in accepted:
+            raise UserError(f"--{flag} must be {accepted.describe(isinstance(value, int))} (got {value})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,20 +271,8 @@ def add_quality_arguments(p: argparse.ArgumentParser):
 
 
 def check_quality_arguments(args: argparse.Namespace):
-    for flag in ("num_validation_images", "validation_inference_steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    for flag in ("validation_steps", "validation_epochs", "snr_gamma"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise UserError(f"--{flag} must be positive")
-    for flag in ("caption_dropout", "validation_split"):
-        if not 0 <= getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be in [0, 1)")
-    if not 0 < args.ema_decay < 1:
-        raise UserError("--ema_decay must be between 0 and 1")
-    if args.min_timestep < 0 or (args.max_timestep is not None and args.max_timestep <= args.min_timestep):
-        raise UserError("need 0 <= --min_timestep < --max_timestep")
+    if args.max_timestep is not None and args.max_timestep <= args.min_timestep:
+        raise UserError(f"need --min_timestep < --max_timestep (got {args.min_timestep} and {args.max_timestep})")
     if args.report_to in ("wandb", "all"):
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -237,20 +285,7 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("give either --dataset_name or --train_data_dir, not both")
     if args.dataset_name is None and args.train_data_dir is None:
         args.dataset_name = EMBEDDED_DATASET
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    for flag in ("max_train_steps", "max_train_samples", "resolution", "checkpointing_steps",
-                 "checkpoints_total_limit", "stop_after_steps"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise UserError(f"--{flag} must be at least 1")
-    if args.dataloader_num_workers < 0:
-        raise UserError("--dataloader_num_workers cannot be negative")
-    for flag in ("offload_optim_frac", "offload_param_frac"):
-        value = getattr(args, flag)
-        if value is not None and not 0 <= value <= 1:
-            raise UserError(f"--{flag} is a fraction between 0 and 1")
+    check_ranges(args)
     check_data_pipeline(args)
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
@@ -283,10 +318,6 @@ def check_data_pipeline(args):
     if args.cache_text_embeddings and args.train_text_encoder_lora:
         raise UserError("--cache_text_embeddings freezes the text encoder's outputs, --train_text_encoder_lora "
                         "trains it; drop one of them")
-    if args.max_aspect_ratio < 1:
-        raise UserError("--max_aspect_ratio must be at least 1")
-    if args.bucket_step is not None and args.bucket_step < 1:
-        raise UserError("--bucket_step must be at least 1")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

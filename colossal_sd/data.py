@@ -11,7 +11,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 
 from colossal_sd import embedded
-from colossal_sd.errors import UserError
+from colossal_sd.errors import UserError, first_line
 from colossal_sd.hub import load_failure
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -92,10 +92,43 @@ def keep_columns_undecoded(ds, image_column: str, caption_column: str):
         if ds.column_names is not None and column not in ds.column_names:
             raise UserError(f"{flag} '{column}' is not in the dataset; its columns are: "
                             f"{', '.join(ds.column_names)}")
+    if ds.features is not None:
+        check_column_kinds(ds.features, image_column, caption_column)
     ds = ds.select_columns([image_column, caption_column])
     if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
+
+
+def check_column_kinds(features, image_column: str, caption_column: str):
+    """The image column must not be the dataset's text, nor the caption column its images (they would fail
+    deep inside, or train on nothing). A text column of file paths stays allowed as the image column."""
+    kinds = {name: _kind(feature) for name, feature in features.items()}
+    image_columns = [name for name, kind in kinds.items() if kind == "images"]
+    text_columns = [name for name, kind in kinds.items() if kind in ("text", "lists of text")]
+    if kinds[caption_column] == "images":
+        raise UserError(f"--caption_column '{caption_column}' holds images, not captions; the text is in: "
+                        f"{', '.join(text_columns) or 'no column'}")
+    if kinds[image_column] not in ("images", "text") or (kinds[image_column] == "text" and image_columns):
+        raise UserError(f"--image_column '{image_column}' holds {kinds[image_column]}, not images; the images "
+                        f"are in: {', '.join(image_columns) or 'no column'}")
+
+
+def _kind(feature) -> str:
+    """What a column holds: images (an Image feature, raw bytes, or datasets' {bytes, path} struct), text
+    (strings: captions or image paths), lists of text, or the type it holds otherwise."""
+    import datasets
+
+    dtype = getattr(feature, "dtype", None)
+    if isinstance(feature, datasets.Image) or dtype in ("binary", "large_binary") or (
+            isinstance(feature, dict) and "bytes" in feature):
+        return "images"
+    if dtype in ("string", "large_string"):
+        return "text"
+    inner = getattr(feature, "feature", None)  # datasets' List / Sequence
+    if inner is not None:
+        return "lists of text" if getattr(inner, "dtype", None) in ("string", "large_string") else "lists"
+    return f"{dtype or type(feature).__name__} values"
 
 
 # ---------------------------------------------------------------- one image
@@ -240,9 +273,30 @@ def collate(samples):
     return batch
 
 
+def check_some_image_readable(ds, image_column: str, root, where: str):
+    """Stop at start-up when not one image can be read: each sample would look for a readable one in vain.
+
+    Reads images in order up to the first readable one: one image for any dataset that trains."""
+    first_failure = None
+    for i in range(len(ds)):
+        cell = ds[i][image_column]
+        try:
+            open_image(cell, root)
+            return
+        except Exception as e:
+            first_failure = first_failure or f"{_cell_name(cell, i)}: {first_line(e)}"
+    raise UserError(f"none of the {len(ds)} images in {where} could be read: e.g. {first_failure}")
+
+
+def _cell_name(cell, index: int) -> str:
+    path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+    return Path(path).name if path else f"row {index}"
+
+
 def build_dataset(args, tokenizer, resolution: int, seed: int) -> ImageCaptionDataset:
     source = load_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
     root = args.train_data_dir or (args.dataset_name if Path(args.dataset_name or "").is_dir() else None)
     ds = select_columns(source, args.image_column, args.caption_column, args.max_train_samples, seed)
+    check_some_image_readable(ds, args.image_column, root, args.train_data_dir or args.dataset_name)
     return ImageCaptionDataset(ds, tokenizer, args.image_column, args.caption_column, resolution,
                                args.center_crop, args.random_flip, seed, root)

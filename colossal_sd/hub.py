@@ -31,18 +31,30 @@ def go_offline_if_unreachable(*names):
 
     Only names that are neither embedded nor local paths need the hub; with none of those, nothing is probed.
     """
-    from colossal_sd.embedded import is_embedded
-
-    needs_hub = [n for n in names if n and not is_embedded(n) and not os.path.exists(os.path.expanduser(n))]
-    if needs_hub and not is_offline() and not hub_reachable():
+    if any(is_hub_id(n) for n in names) and not is_offline() and not hub_reachable():
         for variable in OFFLINE_VARIABLES:
             os.environ[variable] = "1"
 
 
-def load_failure(kind: str, name: str, error: BaseException, local_form: str) -> str:
-    """One line on why a model or dataset could not be loaded, and what to give instead."""
+def is_hub_id(name) -> bool:
+    """Neither embedded nor an existing local path: only such a name is looked up on the hub."""
+    from colossal_sd.embedded import is_embedded
+
+    return bool(name) and not is_embedded(name) and not os.path.exists(os.path.expanduser(name))
+
+
+def load_failure(kind: str, name: str, error: BaseException, local_form: str, source=None) -> str:
+    """One line on why a model or dataset could not be loaded, and what to give instead.
+
+    `source` is what was loaded (default: `name`). A local one gets the broken file (and line) at fault: the
+    hub has nothing to do with it.
+    """
     from colossal_sd.errors import first_line
 
+    source = source or name
+    if not is_hub_id(source):
+        from colossal_sd.local_files import explain
+        return f"cannot load {kind} '{name}': {explain(source, error)}"
     if is_offline():
         return f"cannot load {kind} '{name}': the hub is unreachable and it is not in the local cache; give a {local_form}"
     return f"cannot load {kind} '{name}': {first_line(error)} (check the name, or give a {local_form})"

@@ -51,6 +51,7 @@ def resolve_model_source(name_or_path: str) -> str:
 
 def load_parts(args) -> StableDiffusionParts:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if single_file.is_single_file(args.pretrained_model_name_or_path):
@@ -69,9 +70,9 @@ def load_parts(args) -> StableDiffusionParts:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=args.variant, **common)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=args.variant, **common)
         noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a local source's message names the broken file
         raise UserError(load_failure("model", args.pretrained_model_name_or_path, e,
-                                     "local diffusers pipeline directory")) from None
+                                     "local diffusers pipeline directory", source)) from None
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler,

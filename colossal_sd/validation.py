@@ -14,6 +14,7 @@ restored afterwards, so a run with validation trains exactly the same weights as
 
 import contextlib
 import copy
+import math
 import os
 import random
 
@@ -24,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from colossal_sd import models
 from colossal_sd.data import collate
+from colossal_sd.errors import UserError
 from colossal_sd.loss import denoising_loss, sample_noise, sample_timesteps
 
 LABEL_HEIGHT = 14
@@ -34,10 +36,23 @@ def split_off_validation(dataset, fraction: float, seed: int):
     """(training set, held-out set or None). The held-out images never reach the training loop."""
     if not fraction:
         return dataset, None
+    check_split_leaves_training_data(len(dataset.ds), fraction)
     parts = dataset.ds.train_test_split(test_size=fraction, seed=seed)
     train, held_out = copy.copy(dataset), copy.copy(dataset)
     train.ds, held_out.ds = parts["train"], parts["test"]
     return train, held_out
+
+
+def check_split_leaves_training_data(samples: int, fraction: float):
+    """datasets holds out ceil(fraction * samples): at least one sample must be left to train on."""
+    if math.ceil(fraction * samples) < samples:
+        return
+    if samples < 2:
+        raise UserError(f"--validation_split {fraction} holds out the dataset's only sample; "
+                        "drop --validation_split")
+    largest = math.floor((samples - 1) / samples * 1000) / 1000  # rounded down, so that it still leaves one
+    raise UserError(f"--validation_split {fraction} holds out all {samples} samples, leaving none to train on; "
+                    f"use at most {largest:g}")
 
 
 @contextlib.contextmanager

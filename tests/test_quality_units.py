@@ -102,8 +102,8 @@ def test_every_loss_flag_reaches_the_loss_options():
     (["--caption_dropout", "1"], "--caption_dropout must be in [0, 1)"),
     (["--validation_split", "-0.1"], "--validation_split must be in [0, 1)"),
     (["--min_timestep", "500", "--max_timestep", "400"], "--min_timestep < --max_timestep"),
-    (["--ema_decay", "1.5"], "--ema_decay must be between 0 and 1"),
-    (["--snr_gamma", "0"], "--snr_gamma must be positive"),
+    (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1) (got 1.5)"),
+    (["--snr_gamma", "0"], "--snr_gamma must be a finite number > 0"),
     (["--num_validation_images", "0"], "must be at least 1"),
 ])
 def test_bad_quality_flags(argv, message):
