@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 
 from colossal_sd import data, distributed, ema, input_pipeline, lora, models, plugins, saving, single_file, speed
-from colossal_sd import validation
+from colossal_sd import resume_match, validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.embedded import is_embedded, resolve
+from colossal_sd.fingerprint import base_model_fingerprint
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
 from colossal_sd.preemption import StopRequest
 from colossal_sd.tracking import Tracker
@@ -44,6 +45,7 @@ def _train(args, info, stop_request):
 
     distributed.seed_everything(seed)  # same initial state on every rank
     parts = models.load_parts(args)
+    base_model = base_model_fingerprint(parts)  # before a resume or caching changes or frees any part
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
@@ -84,8 +86,9 @@ def _train(args, info, stop_request):
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
     checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
                                 log=tracker.info,
-                                extras={"ema": ema_model} if ema_model is not None else None)
-    global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
+                                extras={"ema": ema_model} if ema_model is not None else None,
+                                must_match=resume_match.must_match(images_per_step, resolution, base_model))
+    global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch, max_steps)
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
     window = _Window(info.device)
