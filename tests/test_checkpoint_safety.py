@@ -47,7 +47,8 @@ def sizes_only_marker(checkpoint: Path):
     """The marker as checkpoints written before checksums have it."""
     marker = checkpoint / "checkpoint_complete.json"
     recorded = json.loads(marker.read_text())
-    recorded["files"] = {name: entry["size"] for name, entry in recorded["files"].items()}
+    recorded["files"] = {name: entry["size"] if isinstance(entry, dict) else entry
+                         for name, entry in recorded["files"].items()}
     marker.write_text(json.dumps(recorded))
 
 
