@@ -145,6 +145,14 @@ def test_a_resume_that_does_not_match_its_checkpoint_is_one_error_line(base, tin
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
 
 
+def test_another_process_count_with_the_same_images_per_step_resumes(base, tmp_path):
+    out = copy_of(base, tmp_path)
+    log = run_trainer(*RUN, "--output_dir", out, "--resume_from_checkpoint", "checkpoint-4", "--train_batch_size", 2,
+                      "--stop_after_steps", 1, nproc=2).stdout
+    assert "the checkpoint was written by 1 processes, this run has 2" in log
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in log
+
+
 @pytest.fixture(scope="module")
 def changed(base, tmp_path_factory):
     """A resume that asks for another batch size (allowed) and a lower learning rate."""
