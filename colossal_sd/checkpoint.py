@@ -277,8 +277,8 @@ class Checkpointer:
 
     def __init__(self, args, info, engine, model, optimizer, lr_scheduler, unet_config, stop_request: StopRequest,
                  extras: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
-                 must_match: Optional[dict] = None):
-        self.args, self.info, self.engine = args, info, engine
+                 before_save: Callable[[int], None] = lambda step: None, must_match: Optional[dict] = None):
+        self.args, self.info, self.engine, self.before_save = args, info, engine, before_save
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
         self.unet_config, self.extras, self.log = unet_config, dict(extras or {}), log
         self.stop_request = stop_request
@@ -348,6 +348,7 @@ class Checkpointer:
 
     def save(self, step: int, epoch: int, batches_done: int, generator: torch.Generator) -> Path:
         """Write checkpoint-<step>. Collective: every rank calls it at the same step."""
+        self.before_save(step)  # e.g. refuse to write non-finite weights
         final = checkpoint_path(self.args.output_dir, step)
         tmp = final.with_name(f".tmp-{final.name}")
         if self.info.is_main:

@@ -176,6 +176,16 @@ class Engine:
         _return_freed_memory_to_the_os()
 
     # -- saving
+    def local_trainable_tensors(self, optimizer) -> list:
+        """This rank's share of the weights the optimizer trains (fp32 masters where the plugin keeps them):
+        the ranks' shares together cover every trained weight, LoRA adapters only in a LoRA run."""
+        if self.plugin == "gemini":
+            # Between steps Gemini's optimizer holds empty stand-ins; the weights live in chunks, a shard per rank.
+            master = optimizer.module.master_weights
+            return [(chunk.paired_chunk if master else chunk).payload for chunk in optimizer.chunk16_set]
+        # LowLevelZero: this rank's master shards; torch paths: the parameters themselves
+        return [p for group in getattr(optimizer, "optim", optimizer).param_groups for p in group["params"]]
+
     def full_state_dict(self, model) -> Optional[dict]:
         """The whole trainable model's fp32 state dict on global rank 0 (None elsewhere). Collective."""
         if self.booster is None or self.plugin == "torch_ddp":

@@ -1,7 +1,8 @@
 """SIGTERM and SIGINT (SLURM, Kubernetes, Ctrl-C) ask the run to stop at the next step boundary.
 
-The signal only sets a flag; the loop checks it after each optimizer step, all ranks agree on it (a signal
-may reach one rank and not the others), and the run writes a checkpoint and exits 0.
+The signal only sets a flag, from the start of the run to its end; the loop checks it after each optimizer
+step, all ranks agree on it (a signal may reach one rank and not the others), and the run writes a checkpoint
+and exits 0. A signal during the final save lets the save finish, then the run says so and exits 0.
 
 Under torchrun the launcher forwards SIGTERM/SIGINT to the workers and gives them 30 s before SIGKILL
 (torch 2.5 elastic agent), then exits with an error of its own; `colossal_sd.launch` turns that into exit 0
@@ -42,6 +43,19 @@ class StopRequest:
     def close(self):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def signalled_during_final_save(stop_request: StopRequest, info, output_dir, log) -> bool:
+    """After the final save: whether a signal came while it ran. It was only a flag, so the save completed; say
+    so, and that the run ends here. Collective: every rank calls it."""
+    if not stop_request.agreed(info.device):
+        return False
+    message = (f"got {stop_request.name} while saving the final outputs: the save completed first, "
+               f"everything is in {output_dir}")
+    log(message)
+    if info.is_main:
+        report_clean_stop(message)
+    return True
 
 
 def report_clean_stop(message: str):

@@ -6,13 +6,14 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, ema, input_pipeline, lora, models, plugins, saving, single_file, speed
-from colossal_sd import resume_match, validation
+from colossal_sd import data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins, saving
+from colossal_sd import resume_match, single_file, speed, validation
 from colossal_sd.checkpoint import Checkpointer
+from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.fingerprint import base_model_fingerprint
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
-from colossal_sd.preemption import StopRequest
+from colossal_sd.preemption import StopRequest, signalled_during_final_save
 from colossal_sd.tracking import Tracker
 
 
@@ -84,14 +85,17 @@ def _train(args, info, stop_request):
 
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
+    guard = DivergenceGuard(args, engine, optimizer, before_stop=tracker.close)
     checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
-                                log=tracker.info,
+                                log=tracker.info, before_save=guard.check_weights,
                                 extras={"ema": ema_model} if ema_model is not None else None,
                                 must_match=resume_match.must_match(images_per_step, resolution, base_model))
     global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch, max_steps)
+    if info.is_main:
+        final_outputs.set_aside_earlier_outputs(args.output_dir, tracker.info)
     tracker.step(global_step)
     skipped, stopped = torch.zeros((), device=info.device), False
-    window = _Window(info.device)
+    window = _Window(info.device, loss_scaled=engine.precision == "fp16")
     peak_tflops = speed.bf16_peak_tflops(info.device)
     for epoch in range(start_epoch, epochs):
         input_pipeline.set_epoch(dataloader, epoch)
@@ -120,8 +124,9 @@ def _train(args, info, stop_request):
             global_step += 1
             tracker.step()
             if global_step % args.logging_steps == 0 or global_step == max_steps:
-                tracker.scalars(global_step, speed.with_tflops(window.flush(lr_scheduler.get_last_lr()[0], grad_norm),
-                                                               flops_per_sample, peak_tflops, info.world_size))
+                logged = window.flush(lr_scheduler.get_last_lr()[0], grad_norm)
+                tracker.scalars(global_step, speed.with_tflops(logged, flops_per_sample, peak_tflops, info.world_size))
+                guard.check_logged(global_step, logged)
             if validator.due(global_step, epoch + 1 if micro_step + 1 == batches_per_epoch else None):
                 validator.run(global_step, unet, ema_model)
             stopped = checkpointer.after_step(global_step, epoch, micro_step + 1, generator, max_steps)
@@ -133,6 +138,8 @@ def _train(args, info, stop_request):
         tracker.close()
         return
 
+    guard.check_weights(global_step)
+    tracker.info(f"saving the {'LoRA weights' if args.use_lora else 'pipeline'} to {args.output_dir}")
     engine.release_optimizer_state(optimizer)
     dist.all_reduce(skipped)
     if skipped.item():
@@ -149,7 +156,10 @@ def _train(args, info, stop_request):
         tracker.info(f"saved the pipeline to {args.output_dir}")
         if args.save_single_file:
             tracker.info(f"saved the single-file checkpoint {single_file.save_single_file(args.output_dir)}")
-    validator.final(state)
+    if info.is_main:
+        final_outputs.mark_complete(args.output_dir, global_step, seed, args)
+    if not signalled_during_final_save(stop_request, info, args.output_dir, tracker.info):
+        validator.final(state)
     distributed.barrier()
     tracker.close()
 
@@ -167,30 +177,41 @@ def _logging_dir(args):
 
 
 class _Window:
-    """Loss and throughput since the last log line. Values stay on the device until logged: no per-step sync."""
+    """Loss and throughput since the last log line. Values stay on the device until logged: no per-step sync.
 
-    def __init__(self, device):
-        self.device = device
+    Under fp16 loss scaling a non-finite loss is a step the scaler skips: it is counted (`skipped_losses`) and
+    left out of the mean, which becomes nan only when every loss of the window was non-finite."""
+
+    def __init__(self, device, loss_scaled: bool = False):
+        self.device, self.loss_scaled = device, loss_scaled
         self.reset()
 
     def reset(self):
         self.loss_sum = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros((), device=self.device)
         self.micro_batches = 0
         self.images = 0
         self.start = time.perf_counter()
 
     def add(self, loss, images):
+        if self.loss_scaled:
+            finite = torch.isfinite(loss)
+            loss = torch.where(finite, loss, 0.0)
+            self.skipped += ~finite
         self.loss_sum += loss
         self.micro_batches += 1
         self.images += images
 
     def flush(self, lr, grad_norm) -> dict:
-        stats = torch.stack([self.loss_sum / max(self.micro_batches, 1),
-                             torch.tensor(float(self.images), device=self.device)])
+        counted = self.micro_batches - self.skipped
+        stats = torch.stack([self.loss_sum, counted, torch.tensor(float(self.images), device=self.device),
+                             self.skipped])
         dist.all_reduce(stats)
-        world = dist.get_world_size()
-        values = {"loss": stats[0].item() / world, "lr": lr,
-                  "images_per_s": stats[1].item() / (time.perf_counter() - self.start)}
+        loss_sum, counted, images, skipped = stats.tolist()
+        values = {"loss": loss_sum / counted if counted else math.nan, "lr": lr,
+                  "images_per_s": images / (time.perf_counter() - self.start)}
+        if skipped:
+            values["skipped_losses"] = skipped
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
         self.reset()
