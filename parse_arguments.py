@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Keep only the newest N checkpoints; older ones are deleted once a new one is complete.")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
                       help="'latest' (the newest complete checkpoint in --output_dir; none: start fresh), "
-                           "a checkpoint-<step> name in --output_dir, or a checkpoint path.")
+                           "a checkpoint-<step> name in --output_dir, or a checkpoint path. Resuming from an older "
+                           "checkpoint moves the later ones into output_dir/abandoned/.")
     ckpt.add_argument("--stop_after_steps", type=int, default=None,
                       help="Write a checkpoint and exit 0 after N optimizer steps of this invocation, e.g. to "
                            "fit a cluster job's time limit; chain jobs with --resume_from_checkpoint latest.")

@@ -99,10 +99,11 @@ def verify(path: Path) -> Optional[str]:
     why = problem(path)
     if why is not None:
         return why
-    for name, entry in _recorded_files(path).items():
+    files = _recorded_files(path)
+    for name, entry in files.items():
         if ALGORITHM in entry and file_checksum(path / name) != entry[ALGORITHM]:
             return f"corrupt: {name} does not match its checksum"
-    for name in _recorded_files(path):
+    for name in files:
         why = _unreadable(path / name)
         if why is not None:
             return f"corrupt: {name} cannot be read ({why})"

@@ -24,7 +24,7 @@ def check(state: dict, now: dict, args, world_size: int, max_steps: int, name: s
     """Raise a UserError where this run cannot continue `state` (checkpoint `name`) as asked."""
     _check_max_steps(state["global_step"], max_steps, args, name)
     recorded = state.get(KEY)
-    if recorded is None or not now:  # a checkpoint written before these were recorded resumes as before
+    if not recorded or not now:  # a checkpoint written before these were recorded resumes as before
         return
     differences = list(_differences(recorded, now, state, args, world_size, name))
     if not differences:
