@@ -102,7 +102,9 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside_and_rotatio
     assert find_latest(out, print) == told
     assert sorted(p.name for p in (out / "abandoned").iterdir()) == [
         "checkpoint-4", "checkpoint-6", "checkpoint-8", "checkpoint-8-1"]
-    assert f"moved them into {out / 'abandoned'} (nothing is deleted): checkpoint-4, checkpoint-6, checkpoint-8-1" in log
+    assert (out / "abandoned" / "checkpoint-8-1" / "checkpoint_complete.json").is_file()  # the run's, whole
+    assert (f"moved them into {out / 'abandoned'} (nothing is deleted): "
+            "checkpoint-4, checkpoint-6, checkpoint-8-1") in log
 
 
 # ---------------------------------------------------------------- resume mismatches (case 8)
