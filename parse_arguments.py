@@ -179,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Keep only the newest N checkpoints; older ones are deleted once a new one is complete.")
     ckpt.add_argument("--resume_from_checkpoint", default=None,
                       help="'latest' (the newest complete checkpoint in --output_dir; none: start fresh), "
-                           "a checkpoint-<step> name in --output_dir, or a checkpoint path.")
+                           "a checkpoint-<step> name in --output_dir, or a checkpoint path. Resuming from an older "
+                           "checkpoint moves the later ones into output_dir/abandoned/.")
     ckpt.add_argument("--stop_after_steps", type=int, default=None,
                       help="Write a checkpoint and exit 0 after N optimizer steps of this invocation, e.g. to "
                            "fit a cluster job's time limit; chain jobs with --resume_from_checkpoint latest.")
+    ckpt.add_argument("--allow_mismatched_resume", action="store_true",
+                      help="Resume even where the checkpoint was trained with other images per step, another "
+                           "resolution or another base model (the log says what changed).")
 
     log = p.add_argument_group("logging")
     log.add_argument("--logging_dir", default="logs", help="TensorBoard directory, relative to --output_dir.")
@@ -299,8 +303,8 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.allow_unsafe_pickle and not args.pretrained_model_name_or_path.lower().endswith(".ckpt"):
         raise UserError("--allow_unsafe_pickle only applies to a .ckpt --pretrained_model_name_or_path; drop it")
     if args.resume_from_checkpoint not in (None, "latest"):  # a bad explicit checkpoint fails before any loading
-        from colossal_sd.checkpoint import resolve_resume
-        resolve_resume(args.resume_from_checkpoint, args.output_dir, print)
+        from colossal_sd.checkpoint import problem, resolve_resume
+        resolve_resume(args.resume_from_checkpoint, args.output_dir, print, check=problem)  # checksums come later
     check_lora_arguments(args)
     check_quality_arguments(args)
     return args

@@ -30,7 +30,8 @@ def exit_on_user_error(main, *args, **kwargs):
         sys.exit(0)
     except UserError as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            from tqdm import tqdm
+            tqdm.write(f"error: {e}", file=sys.stderr)  # on a line of its own, also under a progress bar
         sys.exit(2)
 
 

@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 
 from colossal_sd import data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins, saving
-from colossal_sd import single_file, speed, validation
+from colossal_sd import resume_match, single_file, speed, validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
+from colossal_sd.fingerprint import base_model_fingerprint
 from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
 from colossal_sd.preemption import StopRequest, signalled_during_final_save
 from colossal_sd.tracking import Tracker
@@ -45,6 +46,7 @@ def _train(args, info, stop_request):
 
     distributed.seed_everything(seed)  # same initial state on every rank
     parts = models.load_parts(args)
+    base_model = base_model_fingerprint(parts)  # before a resume or caching changes or frees any part
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
@@ -86,8 +88,9 @@ def _train(args, info, stop_request):
     guard = DivergenceGuard(args, engine, optimizer, before_stop=tracker.close)
     checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
                                 log=tracker.info, before_save=guard.check_weights,
-                                extras={"ema": ema_model} if ema_model is not None else None)
-    global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch)
+                                extras={"ema": ema_model} if ema_model is not None else None,
+                                must_match=resume_match.must_match(images_per_step, resolution, base_model))
+    global_step, start_epoch, start_batch = checkpointer.resume(generator, batches_per_epoch, max_steps)
     if info.is_main:
         final_outputs.set_aside_earlier_outputs(args.output_dir, tracker.info)
     tracker.step(global_step)

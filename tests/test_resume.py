@@ -135,7 +135,7 @@ def test_a_checkpoint_with_a_truncated_file_is_skipped(tmp_path):
     from colossal_sd.checkpoint import _seal, find_latest
     for step in (1, 2):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "optimizer.bin").write_bytes(b"x" * 10)
+        torch.save({"state": {}}, tmp_path / f"checkpoint-{step}" / "optimizer.bin")
         _seal(tmp_path / f"checkpoint-{step}", step)
     (tmp_path / "checkpoint-2" / "optimizer.bin").write_bytes(b"x" * 3)
     said = []
