@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from colossal_sd import ema, lora, saving, single_file
 
@@ -39,6 +39,14 @@ def mark_complete(output_dir, step: int, seed: int, args):
     with os.fdopen(fd, "w") as f:
         json.dump(record, f, indent=2, default=str)
     os.replace(tmp, Path(output_dir) / MARKER)
+
+
+def finished_step(output_dir) -> Optional[int]:
+    """The step of the finished run whose outputs sit at the top of output_dir, or None."""
+    try:
+        return int(json.loads((Path(output_dir) / MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def set_aside_earlier_outputs(output_dir, log: Callable[[str], None]):

@@ -9,7 +9,8 @@ resumed step on: the restored scheduler state would otherwise bring back the old
 
 from typing import Callable, List, Tuple
 
-from colossal_sd.errors import UserError
+from colossal_sd.errors import CleanStop, UserError
+from colossal_sd.final_outputs import finished_step
 from colossal_sd.fingerprint import COMPONENTS
 
 KEY = "must_match"
@@ -39,6 +40,9 @@ def check(state: dict, now: dict, args, world_size: int, max_steps: int, name: s
 def _check_max_steps(step: int, max_steps: int, args, name: str):
     if max_steps > step:
         return
+    if step == max_steps and finished_step(args.output_dir) == step:  # e.g. a job chain's one job too many
+        raise CleanStop(f"{name} is the run's last step, and {args.output_dir} already holds its final outputs: "
+                        f"nothing to do; pass --max_train_steps {step + 1} or more to train further")
     ends = (f"--max_train_steps {args.max_train_steps}" if args.max_train_steps else
             f"--num_train_epochs {args.num_train_epochs} ({max_steps} steps)")
     raise UserError(f"{name} is at step {step}, and {ends} would train no further; "

@@ -147,6 +147,15 @@ def test_a_resume_that_does_not_match_its_checkpoint_is_one_error_line(base, tin
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6, 8)]
 
 
+def test_resuming_a_finished_run_at_its_last_step_is_a_clean_no_op(base, tmp_path):
+    """A job chain's one job too many: the run is done, its pipeline is there, nothing is touched."""
+    out = copy_of(base, tmp_path)
+    proc = resume(out, "--resume_from_checkpoint", "latest")
+    assert ("checkpoint-8 is the run's last step, and " f"{out} already holds its final outputs: nothing to do"
+            in proc.stdout)
+    assert "Traceback" not in proc.stderr and not (out / "previous_runs").exists()
+
+
 def test_another_process_count_with_the_same_images_per_step_resumes(base, tmp_path):
     out = copy_of(base, tmp_path)
     log = run_trainer(*RUN, "--output_dir", out, "--resume_from_checkpoint", "checkpoint-4", "--train_batch_size", 2,
