@@ -81,8 +81,8 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, name, text, expected):
 
 def test_saved_config_rereads_to_the_same_arguments(tmp_path):
     from colossal_sd.config_file import SAVED_CONFIG, save_effective_config
-    args = parse("--use_lora", "--validation_prompts", 'a "quoted" \\ prompt', "an émoji ❤", "--learning_rate", "3e-5",
-                 "--no-gemini_async_reduce", "--output_dir", tmp_path / "out", "--max_grad_norm", "0")
+    args = parse("--use_lora", "--validation_prompts", 'a "quoted" \\ prompt', "an émoji ❤\x7f",
+                 "--learning_rate", "3e-5", "--no-gemini_async_reduce", "--output_dir", tmp_path / "out", "--max_grad_norm", "0")
     save_effective_config(args, seed=123456789)
     saved = tmp_path / "out" / SAVED_CONFIG
     again = parse("--config", saved)
