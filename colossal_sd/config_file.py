@@ -25,7 +25,6 @@ from typing import Dict, List
 from colossal_sd.errors import UserError, first_line
 
 SAVED_CONFIG = "training_config.toml"
-_SWITCHES = (argparse._StoreTrueAction, argparse.BooleanOptionalAction)
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv, check) -> argparse.Namespace:
@@ -73,23 +72,20 @@ def value_tokens(key, value, action: argparse.Action, name="config") -> List[str
     flag = action.option_strings[0]
     if value is None:
         return []
-    if isinstance(action, _SWITCHES):
+    if action.nargs == 0:  # a switch: store_true or --x/--no-x
         if not isinstance(value, bool):
             raise UserError(f"{name}: key '{key}' is a switch: set it to true or false (got {value!r})")
         if isinstance(action, argparse.BooleanOptionalAction):
             return [flag if value else f"--no-{flag[2:]}"]
         return [flag] if value else []
-    if isinstance(value, dict):
-        raise UserError(f"{name}: key '{key}' takes a value, not a table")
+    many = action.nargs in ("+", "*")
     values = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and action.nargs not in ("+", "*"):
+    if isinstance(value, list) and not many:
         raise UserError(f"{name}: key '{key}' takes one value, not a list (got {value!r})")
-    if any(isinstance(v, (bool, dict, list)) for v in values):
-        raise UserError(f"{name}: key '{key}' takes {'strings or numbers' if action.nargs else 'a string or number'}"
-                        f", not {value!r}")
-    if action.nargs in ("+", "*"):
-        return [flag, *map(_text, values)]
-    return [f"{flag}={_text(value)}"]  # `=`: a value that starts with '-' stays a value
+    if any(isinstance(v, (bool, dict, list)) for v in values):  # true/false or a table: YAML's surprises
+        raise UserError(f"{name}: key '{key}' takes {'strings or numbers' if many else 'a string or a number'}, "
+                        f"not {value!r}")
+    return [flag, *map(_text, values)] if many else [f"{flag}={_text(value)}"]  # `=`: a value may start with '-'
 
 
 def read_config(path) -> Dict:

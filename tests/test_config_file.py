@@ -70,6 +70,8 @@ def test_command_line_wins_over_the_file(tmp_path):
     ("run.toml", 'max_train_steps = "two"\n', "run.toml: key 'max_train_steps': invalid int value: 'two'"),
     ("run.yaml", "lr_scheduler: linearly\n", "run.yaml: key 'lr_scheduler': invalid choice: 'linearly'"),
     ("run.yaml", "use_lora: sometimes\n", "run.yaml: key 'use_lora' is a switch: set it to true or false"),
+    ("run.yaml", "seed: yes\n", "run.yaml: key 'seed' takes a string or a number, not True"),
+    ("run.toml", 'config = "other.toml"\n', "run.toml: a config file cannot name another --config"),
     ("run.toml", "resolution = [32, 64]\n", "run.toml: key 'resolution' takes one value, not a list"),
     ("run.toml", "learning_rate = -1\n", "--learning_rate must be a finite number > 0 (got -1.0) (set in"),
     ("run.yaml", "- learning_rate\n", "run.yaml: must map flag names to values"),
@@ -82,7 +84,8 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path, name, text, expected):
 def test_saved_config_rereads_to_the_same_arguments(tmp_path):
     from colossal_sd.config_file import SAVED_CONFIG, save_effective_config
     args = parse("--use_lora", "--validation_prompts", 'a "quoted" \\ prompt', "an émoji ❤\x7f",
-                 "--learning_rate", "3e-5", "--no-gemini_async_reduce", "--output_dir", tmp_path / "out", "--max_grad_norm", "0")
+                 "--learning_rate", "3e-5", "--no-gemini_async_reduce", "--max_grad_norm", "0",
+                 "--output_dir", tmp_path / "out")
     save_effective_config(args, seed=123456789)
     saved = tmp_path / "out" / SAVED_CONFIG
     again = parse("--config", saved)
