@@ -3,6 +3,7 @@
 #   bash 02_run_trainer_with_colossalai.sh                      # embedded tiny model + emoji data, offline
 #   MODEL_NAME=stable-diffusion-v1-5/stable-diffusion-v1-5 DATASET_NAME=lambdalabs/naruto-blip-captions \
 #     NPROC=8 BATCH_SIZE=4 bash 02_run_trainer_with_colossalai.sh --mixed_precision fp16
+#   CONFIG=my-run.toml NPROC=2 bash 02_run_trainer_with_colossalai.sh   # flags from a TOML or YAML file
 set -euo pipefail
 source "$(dirname "$0")/colossal_sd/launch.sh"
 # PLUGIN (default auto) stands back for a --plugin that the arguments or the CONFIG file give.
