@@ -10,6 +10,7 @@ import math
 import os
 from typing import NamedTuple, Optional
 
+from colossal_sd.config_file import parse_with_config
 from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
 from colossal_sd.single_file import is_single_file
@@ -325,4 +326,5 @@ def check_data_pipeline(args):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return check_arguments(build_parser().parse_args(argv))
+    """The command line, over the --config file's values when there is one."""
+    return parse_with_config(build_parser(), argv, check_arguments)

@@ -6,14 +6,20 @@ PYTHON="${PYTHON:-python}"
 
 # The original README spelled it `dataset_name`; accept both.
 DATASET_NAME="${DATASET_NAME:-${dataset_name:-}}"
-OUTPUT_DIR="${OUTPUT_DIR:-outputs/sd-finetuned}"
 NPROC="${NPROC:-1}"
 NNODES="${NNODES:-1}"
-PLACEMENT="${PLACEMENT:-cpu}"
-BATCH_SIZE="${BATCH_SIZE:-8}"
-MAX_TRAIN_STEPS="${MAX_TRAIN_STEPS:-300}"
-VALIDATION_STEPS="${VALIDATION_STEPS:-50}"
-VALIDATION_SPLIT="${VALIDATION_SPLIT:-0.02}"
+PLACEMENT="${PLACEMENT:-}"
+# CONFIG=FILE: a TOML or YAML file of trainer flags (--config). What wins: the script's arguments, then the
+# variables you set, then the file, then the script's defaults below (each only for a flag the file leaves out).
+CONFIG="${CONFIG:-}"
+[ -f "$CONFIG" ] && CONFIG="$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")"  # the trainer runs in $HERE
+config_flags=()  # the flags CONFIG sets: `--flag`, switches `--flag=true` or `--flag=false`
+if [ -n "$CONFIG" ]; then
+    # A file the trainer cannot read lists nothing here: the trainer then says what is wrong with it, in one line.
+    while IFS= read -r line; do
+        config_flags+=("$line")
+    done < <(cd "$HERE" && "$PYTHON" -m colossal_sd.config_file "$CONFIG" || true)
+fi
 # Sample grids of these prompts suit the embedded emoji data; with your own data pass --validation_prompts.
 EMOJI_PROMPTS=("an emoji of grinning face" "an emoji of red heart" "an emoji of rocket")
 
@@ -27,25 +33,59 @@ passed() {
     return 1
 }
 
+# given FLAG ARGS...: the script's arguments or the CONFIG file set FLAG, so the script's default stands back.
+given() {
+    local flag="$1"
+    shift
+    passed "$flag" "$@" || passed "$flag" ${config_flags[@]+"${config_flags[@]}"}
+}
+
+# on SWITCH ARGS...: the script's arguments or the CONFIG file turn SWITCH on.
+on() {
+    local flag="$1" arg
+    shift
+    passed "$flag" "$@" && return 0
+    for arg in ${config_flags[@]+"${config_flags[@]}"}; do
+        [ "$arg" = "$flag=true" ] && return 0
+    done
+    return 1
+}
+
 launch_trainer() {
-    local flags=(--output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH_SIZE" --max_train_steps "$MAX_TRAIN_STEPS")
-    local learning_rate="${LEARNING_RATE:-}"
+    local flags=()
+    [ -n "$CONFIG" ] && flags+=(--config "$CONFIG")
+    # setting FLAG VARIABLE DEFAULT: the variable's value when you set it, else the default unless the
+    # arguments or the CONFIG file set FLAG.
+    setting() {
+        if [ -n "$2" ]; then
+            flags+=("$1" "$2")
+        elif [ -n "$3" ] && ! given "$1" "${@:4}"; then
+            flags+=("$1" "$3")
+        fi
+    }
+    setting --output_dir "${OUTPUT_DIR:-}" "${DEFAULT_OUTPUT_DIR:-outputs/sd-finetuned}" "$@"
+    setting --train_batch_size "${BATCH_SIZE:-}" 8 "$@"
+    setting --max_train_steps "${MAX_TRAIN_STEPS:-}" 300 "$@"
+    setting --pretrained_model_name_or_path "${MODEL_NAME:-}" "" "$@"
+    setting --dataset_name "$DATASET_NAME" "" "$@"
+    setting --train_data_dir "${TRAIN_DATA_DIR:-}" "" "$@"
+    setting --resolution "${RESOLUTION:-}" "" "$@"
+    setting --mixed_precision "${MIXED_PRECISION:-}" "" "$@"
+    setting --placement "$PLACEMENT" cpu "$@"
     # The embedded UNet starts from random weights: it needs a training rate, not the fine-tuning 1e-4 the
     # trainer defaults to for a real checkpoint.
-    if [ -z "$learning_rate${MODEL_NAME:-}" ] && ! passed --pretrained_model_name_or_path "$@"; then
-        learning_rate=1e-3
+    local demo_rate=1e-3
+    if [ -n "${MODEL_NAME:-}" ] || given --pretrained_model_name_or_path "$@"; then
+        demo_rate=""
     fi
-    [ -n "${MODEL_NAME:-}" ] && flags+=(--pretrained_model_name_or_path "$MODEL_NAME")
-    [ -n "$DATASET_NAME" ] && flags+=(--dataset_name "$DATASET_NAME")
-    [ -n "${TRAIN_DATA_DIR:-}" ] && flags+=(--train_data_dir "$TRAIN_DATA_DIR")
-    [ -n "${RESOLUTION:-}" ] && flags+=(--resolution "$RESOLUTION")
-    [ -n "${MIXED_PRECISION:-}" ] && flags+=(--mixed_precision "$MIXED_PRECISION")
-    [ -n "$learning_rate" ] && flags+=(--learning_rate "$learning_rate")
-    flags+=(--validation_steps "$VALIDATION_STEPS")
+    setting --learning_rate "${LEARNING_RATE:-}" "$demo_rate" "$@"
+    setting --validation_steps "${VALIDATION_STEPS:-}" 50 "$@"
     # a stream has no index to hold images out of
-    passed --streaming "$@" || flags+=(--validation_split "$VALIDATION_SPLIT")
-    if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! passed --dataset_name "$@" && ! passed --train_data_dir "$@"; then
-        flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}" --num_validation_images 2 --validation_inference_steps 10)
+    on --streaming "$@" || setting --validation_split "${VALIDATION_SPLIT:-}" 0.02 "$@"
+    if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! given --dataset_name "$@" && ! given --train_data_dir "$@"; then
+        setting --num_validation_images "" 2 "$@"
+        setting --validation_inference_steps "" 10 "$@"
+        given --validation_prompts "$@" || flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}")
     fi
 
     # One node: --standalone finds a free port. Several: c10d rendezvous at MASTER_ADDR:MASTER_PORT.

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_sd import data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins, saving
-from colossal_sd import resume_match, single_file, speed, validation
+from colossal_sd import config_file, resume_match, single_file, speed, validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
@@ -42,6 +42,8 @@ def _train(args, info, stop_request):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     seed = distributed.agree_on_seed(args.seed, info)
+    if info.is_main:  # output_dir/training_config.toml: what reruns this run
+        config_file.save_effective_config(args, seed)
     build_everything_embedded_first(args, info)
 
     distributed.seed_everything(seed)  # same initial state on every rank
