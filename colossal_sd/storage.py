@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 
 from colossal_sd import embedded
@@ -37,13 +38,18 @@ REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quot
 
 
 def check_paths(args, info):
-    """Every folder the run writes to, checked on every rank (each node sees its own mounts); the first problem
-    any rank found is raised on all of them. Collective."""
+    """Every folder the run writes to, checked on every rank (each node sees its own mounts); the problem the
+    lowest rank found is raised on all of them. Collective."""
     problem = base_model_problem(args) or next(filter(None, (writable_problem(Path(path), flag)
                                                              for flag, path in folders_written(args))), None)
-    problems = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    problem = next(filter(None, problems), None)
+    if info.world_size > 1:
+        # not all_gather_object: in torch 2.5 gloo it can hang the process group's destruction that follows
+        first = torch.tensor(info.rank if problem else info.world_size, device=info.device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        box = [problem]
+        if int(first) < info.world_size:
+            dist.broadcast_object_list(box, src=int(first))
+        problem = box[0] if int(first) < info.world_size else None
     if problem:
         raise UserError(problem)
 
@@ -52,10 +58,10 @@ def folders_written(args) -> list:
     """(flag, folder) for each folder this run writes into."""
     from colossal_sd.caching import cache_root
     folders = [("--output_dir", args.output_dir)]
-    if args.cache_latents or args.cache_text_embeddings:
-        folders.append(("--cache_dir" if args.cache_dir else "the latent cache", cache_root(args.cache_dir)))
-    elif args.cache_dir:
+    if args.cache_dir:
         folders.append(("--cache_dir", args.cache_dir))
+    elif args.cache_latents or args.cache_text_embeddings:
+        folders.append(("the latent cache", cache_root(None)))
     if args.report_to != "none":
         folders.append(("--logging_dir", os.path.join(args.output_dir, args.logging_dir)))
     return folders
