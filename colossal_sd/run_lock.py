@@ -166,7 +166,7 @@ def _heartbeat(path: Path, record: dict, stop: threading.Event):
         if not _is_ours(path, record):
             return  # taken over (this run was frozen past the stale limit): never overwrite the new holder
         record = dict(record, heartbeat=time.time())
-        tmp = path.with_name(f"{path.name}.{record['pid']}.tmp")
+        tmp = path.with_name(f"{LOCK_NAME}.{record['pid']}.tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
 
@@ -182,7 +182,7 @@ def hold(output_dir, info, log: Callable[[str], None]):
     and a refused run raises the same UserError on every rank."""
     record, refusal = acquire(output_dir, log) if info.is_main else (None, None)
     box = [refusal]
-    if dist.get_world_size() > 1:
+    if info.world_size > 1:
         dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise UserError(box[0])
@@ -190,6 +190,8 @@ def hold(output_dir, info, log: Callable[[str], None]):
         yield
         return
     path, stop = Path(output_dir) / LOCK_NAME, threading.Event()
+    for leftover in path.parent.glob(f"{LOCK_NAME}.*.tmp"):  # a heartbeat killed mid-write: ours to clean now
+        leftover.unlink(missing_ok=True)
     beat = threading.Thread(target=_heartbeat, args=(path, record, stop), daemon=True, name="lock-heartbeat")
     beat.start()
     try:

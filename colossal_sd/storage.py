@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from colossal_sd import embedded
+from colossal_sd.caching import cache_root
 from colossal_sd.errors import UserError
 
 FP32 = 4
@@ -56,7 +57,6 @@ def check_paths(args, info):
 
 def folders_written(args) -> list:
     """(flag, folder) for each folder this run writes into."""
-    from colossal_sd.caching import cache_root
     folders = [("--output_dir", args.output_dir)]
     if args.cache_dir:
         folders.append(("--cache_dir", args.cache_dir))

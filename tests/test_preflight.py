@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,21 @@ def test_a_lock_is_stale_when_its_pid_is_gone_or_another_host_stops_its_heartbea
     assert run_lock.holder_is_gone(elsewhere, now + 5 * run_lock.HEARTBEAT_S, here)
     run_lock.release(tmp_path / ".lock", ours)
     assert not Path(tmp_path / ".lock").exists()
+
+
+def test_the_heartbeat_refreshes_the_lock_and_never_overwrites_a_run_that_took_it_over(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from colossal_sd import run_lock
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
+    lock = tmp_path / ".lock"
+    with run_lock.hold(tmp_path, SimpleNamespace(is_main=True, world_size=1), print):
+        started = json.loads(lock.read_text())
+        time.sleep(0.5)
+        assert json.loads(lock.read_text())["heartbeat"] > started["heartbeat"]
+        newer = dict(started, pid=started["pid"] + 1)  # this run was frozen too long: another one took over
+        lock.write_text(json.dumps(newer))
+        time.sleep(0.3)
+        assert json.loads(lock.read_text()) == newer
+    assert json.loads(lock.read_text()) == newer  # leaving, this run removes only its own lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
