@@ -167,3 +167,29 @@ def test_the_heartbeat_refreshes_the_lock_and_never_overwrites_a_run_that_took_i
         assert json.loads(lock.read_text()) == newer
     assert json.loads(lock.read_text()) == newer  # leaving, this run removes only its own lock
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+
+
+def _race_for_the_lock(folder, start, done, results):
+    from colossal_sd import run_lock
+    start.wait()
+    results.put(run_lock.acquire(folder, lambda message: None)[0] is not None)
+    done.wait()  # alive until every racer has tried: a winner that exited would leave a stale lock
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["free", "stale"])
+def test_of_runs_starting_together_exactly_one_takes_the_lock(tmp_path, stale):
+    import multiprocessing
+    if stale:  # all of them find a dead run's lock and try to take it over at once
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": 0}))
+    context, racers = multiprocessing.get_context("fork"), 8
+    start, done, results = context.Barrier(racers), context.Barrier(racers), context.Queue()
+    processes = [context.Process(target=_race_for_the_lock, args=(tmp_path, start, done, results))
+                 for _ in range(racers)]
+    for process in processes:
+        process.start()
+    won = [results.get(timeout=60) for _ in processes]
+    for process in processes:
+        process.join()
+    assert won.count(True) == 1
