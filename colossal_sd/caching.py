@@ -292,11 +292,6 @@ def _describe_problems(status: list) -> Optional[str]:
 # ---------------------------------------------------------------- building the cache
 
 
-def missing_shards(directory: Path, samples: int) -> list:
-    """Shards not yet in place; a killed writer's hidden temp directory does not count as a shard."""
-    return [s for s in range(math.ceil(samples / SHARD_SIZE)) if not shard_dir(directory, s).is_dir()]
-
-
 def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say, stop_request) -> Path:
     """Verify the cache and encode the shards that are missing or bad, each rank its share; returns the cache
     directory. A signal stops the run between shards (errors.CleanStop), the finished ones kept. Collective."""

@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -148,7 +148,7 @@ def acquire(output_dir, log: Callable[[str], None]) -> tuple:
                           "or use another --output_dir")
         with _takeover_guard(path) as ours:
             if ours and _read(path) == holder:  # still the stale one: no other taker replaced it meanwhile
-                path.unlink()
+                path.unlink(missing_ok=True)
                 if _write_new(path, record):
                     log(f"took over the lock {path} of a run that is gone ({describe(holder)})")
                     return record, None
@@ -167,8 +167,12 @@ def _heartbeat(path: Path, record: dict, stop: threading.Event):
             return  # taken over (this run was frozen past the stale limit): never overwrite the new holder
         record = dict(record, heartbeat=time.time())
         tmp = path.with_name(f"{LOCK_NAME}.{record['pid']}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError:  # a full disk: the next beat tries again; the run itself reports the disk
+            with suppress(OSError):
+                tmp.unlink()
 
 
 def release(path: Path, record: dict):

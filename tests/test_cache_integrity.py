@@ -2,6 +2,7 @@
 silent garbage; a signal while caching stops the run cleanly with the finished shards kept."""
 
 import json
+import os
 import re
 import signal
 import socket
@@ -92,17 +93,12 @@ def test_a_shard_is_checked_against_its_manifest(tmp_path):
 def test_only_the_temp_folders_of_gone_writers_are_removed(tmp_path):
     from colossal_sd import caching
     host = socket.gethostname()
-    live = tmp_path / f".tmp-shard-00000-pid{os_getpid()}@{host}-abcd1234"
-    elsewhere = tmp_path / f".tmp-shard-00001-pid1@another-node-abcd1234"
+    live = tmp_path / f".tmp-shard-00000-pid{os.getpid()}@{host}-abcd1234"
+    elsewhere = tmp_path / ".tmp-shard-00001-pid1@another-node-abcd1234"
     for folder in (live, elsewhere):
         folder.mkdir()
     assert caching.remove_stale_temps(tmp_path) == 0
     assert caching.remove_stale_temps(tmp_path, now=time.time() + caching.STALE_TEMP_S + 1) == 2
-
-
-def os_getpid():
-    import os
-    return os.getpid()
 
 
 # ---------------------------------------------------------------- a signal while caching
