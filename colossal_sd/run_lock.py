@@ -8,8 +8,10 @@ The lock is a JSON file (host, pid, the pid's start time, start and heartbeat ti
 that of two runs starting together exactly one wins. A heartbeat thread rewrites it every `HEARTBEAT_S`
 (atomic replace). A lock is stale, and taken over with a log line, when its holder is gone: on this host its
 pid no longer runs (or is another process now: the start time differs); on another host its heartbeat is
-older than `STALE_AFTER_HEARTBEATS` periods. A run SIGKILLed leaves its lock behind; the next run takes it
-over. The lock is removed at exit, errors and signals included.
+older than `STALE_AFTER_HEARTBEATS` periods. Another host's lock with a recent heartbeat is watched until it
+beats (a live run: refused), goes or turns stale, so a job requeued on another node the moment its node died
+starts within minutes instead of failing. A run SIGKILLed leaves its lock behind; the next run takes it over.
+The lock is removed at exit, errors and signals included.
 """
 
 import json
@@ -133,7 +135,7 @@ def _takeover_guard(path: Path):
 def acquire(output_dir, log: Callable[[str], None]) -> tuple:
     """(our record, None) once we hold the lock, or (None, the one-line refusal)."""
     path = Path(output_dir) / LOCK_NAME
-    record = this_run()
+    record, waited = this_run(), False
     for _ in range(100):  # retries only while another run is mid-write or mid-takeover
         if _write_new(path, record):
             return record, None
@@ -144,8 +146,12 @@ def acquire(output_dir, log: Callable[[str], None]) -> tuple:
             time.sleep(0.1)
             continue
         if not holder_is_gone(holder, time.time(), record["host"]):
-            return None, (f"{output_dir} is in use by another run ({describe(holder)}); wait for it, "
-                          "or use another --output_dir")
+            if holder.get("host") == record["host"] or waited:
+                return None, (f"{output_dir} is in use by another run ({describe(holder)}); wait for it, "
+                              "or use another --output_dir")
+            _wait_while_unchanged(path, holder, log)
+            waited = True
+            continue
         with _takeover_guard(path) as ours:
             if ours and _read(path) == holder:  # still the stale one: no other taker replaced it meanwhile
                 path.unlink(missing_ok=True)
@@ -154,6 +160,16 @@ def acquire(output_dir, log: Callable[[str], None]) -> tuple:
                     return record, None
         time.sleep(0.1)
     return None, f"could not take the lock {path}: other runs keep taking it; use another --output_dir"
+
+
+def _wait_while_unchanged(path: Path, holder: dict, log: Callable[[str], None]):
+    """Another host's lock with a recent heartbeat: its run may live, or its node may just have died (a job
+    requeued at once on another node). Watch it until it beats (alive), goes, or its heartbeat turns stale."""
+    stale_at = float(holder.get("heartbeat", 0)) + STALE_AFTER_HEARTBEATS * HEARTBEAT_S
+    log(f"{path} is held by another host's run ({describe(holder)}): waiting up to "
+        f"{max(0, stale_at - time.time()):.0f} s for its heartbeat")
+    while time.time() <= stale_at and _read(path) == holder:
+        time.sleep(min(2.0, HEARTBEAT_S / 10))
 
 
 def _is_ours(path: Path, record: dict) -> bool:

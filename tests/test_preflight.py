@@ -193,3 +193,26 @@ def test_of_runs_starting_together_exactly_one_takes_the_lock(tmp_path, stale):
     for process in processes:
         process.join()
     assert won.count(True) == 1
+
+
+def test_another_hosts_lock_is_refused_while_it_beats_and_taken_once_its_heartbeat_stops(tmp_path, monkeypatch):
+    import threading
+
+    from colossal_sd import run_lock
+    monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.1)
+    lock, said = tmp_path / ".lock", []
+    elsewhere = {"host": "another-node", "pid": 1, "started": time.time(), "heartbeat": time.time()}
+    lock.write_text(json.dumps(elsewhere))
+    stop = threading.Event()
+    beat = threading.Thread(target=run_lock._heartbeat, args=(lock, elsewhere, stop))  # its run lives
+    beat.start()
+    try:
+        assert run_lock.acquire(tmp_path, said.append)[1].startswith(f"{tmp_path} is in use by another run (pid 1 "
+                                                                     "on host another-node")
+    finally:
+        stop.set()
+        beat.join()
+    ours, refusal = run_lock.acquire(tmp_path, said.append)  # its node died: no more heartbeats
+    assert refusal is None and json.loads(lock.read_text()) == ours
+    assert said[-1].startswith(f"took over the lock {lock} of a run that is gone (pid 1 on host another-node")
+    assert "waiting up to" in said[-2]
