@@ -104,20 +104,22 @@ def test_only_the_temp_folders_of_gone_writers_are_removed(tmp_path):
 # ---------------------------------------------------------------- a signal while caching
 
 
-def test_sigint_while_caching_keeps_the_finished_shards_and_exits_0(tmp_path, monkeypatch):
-    # 2 processes, 31 shards of 16: one rank has a shard more than the other, and both still agree to stop
+@pytest.mark.parametrize("signum, nproc", [(signal.SIGINT, 2), (signal.SIGTERM, None)],
+                         ids=["SIGINT-2-processes", "SIGTERM-plain-python"])
+def test_a_signal_while_caching_keeps_the_finished_shards_and_exits_0(tmp_path, monkeypatch, signum, nproc):
+    # 31 shards of 16: under 2 processes one rank has a shard more than the other, and both still agree to stop
     monkeypatch.setenv("COLOSSAL_SD_CACHE_SHARD_SIZE", "16")
     args = [*CACHED, "--max_train_samples", 496, "--cache_dir", tmp_path / "cache", "--output_dir", tmp_path / "out"]
-    proc = start_trainer(*args, nproc=2, launcher="colossal_sd.launch")
+    proc = start_trainer(*args, nproc=nproc, launcher="colossal_sd.launch")
     deadline = time.time() + 300
     while not shards_of(tmp_path / "cache") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     log = finish(proc, [])
     assert proc.returncode == 0, log[-4000:]
     assert "Traceback" not in log
-    stops = re.findall(r"stopped by SIGINT while caching: (\d+) of 31 shards are cached and kept; rerun the same "
-                       r"command to continue", log)
+    stops = re.findall(rf"stopped by {signum.name} while caching: (\d+) of 31 shards are cached and kept; rerun "
+                       r"the same command to continue", log)
     assert len(stops) == 1, log[-4000:]
     kept = int(stops[0])
     assert 1 <= kept < 31 and len(shards_of(tmp_path / "cache")) == kept
