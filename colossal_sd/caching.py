@@ -3,8 +3,17 @@
 Layout: ``<root>/<key>/shard-00000/`` ... one directory per `SHARD_SIZE` consecutive samples. The key hashes
 everything that changes an encoding: the model's VAE and text encoder, resolution (or buckets), crop, flip
 variants and the dataset's content fingerprint. Each rank encodes its share of the missing shards into a private
-temp directory and renames it into place, so a killed or concurrent run never leaves a shard that can be read
-half-written; a finished shard is never rewritten.
+temp directory, fsyncs it, and renames it into place, so a killed or concurrent run never leaves a shard that can
+be read half-written.
+
+Each shard holds ``manifest.json``: every file's size and xxh3-64 checksum. Every run verifies every shard (each
+rank its share) before training on it: one that is missing files, truncated, emptied by a power cut, corrupted
+in place or written before manifests existed is re-encoded, and the log counts it. The cost is one read of the
+cache per run, split across the ranks: xxh3 hashes about 5 GB/s on one core, so it is the disk's read speed (SD at
+512 px caches ~64 KiB of latents per image and ~120 KiB per caption: ~20 GB for 100k images, about 10 s on a node
+with an NVMe disk), and it leaves the shards in the page cache for the first epoch.
+A temp directory whose writer is gone (its pid, on this host) or that has not been touched for
+`STALE_TEMP_S` (another host's writer) is removed: the cache may be shared by runs, so a live writer's is kept.
 
 A latent is cached as its VAE distribution (mean and log-variance), so every step still samples a fresh latent
 from it, as the uncached loop does. With --random_flip both flips are cached. Captions are cached per row
@@ -16,21 +25,41 @@ import json
 import math
 import os
 import random
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import xxhash
 from torchvision.transforms import functional as TF
 
 from colossal_sd import data, embedded, models
 from colossal_sd.distributed import barrier
+from colossal_sd.errors import CleanStop, UserError, first_line
+from colossal_sd.run_lock import pid_runs
 
-SHARD_SIZE = 256
+DEFAULT_SHARD_SIZE = 256
+# Overridable so that a test gets several shards out of a few dozen samples; part of the cache key.
+SHARD_SIZE = int(os.environ.get("COLOSSAL_SD_CACHE_SHARD_SIZE", DEFAULT_SHARD_SIZE))
 ENCODE_BATCH = 32
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # shards without a manifest (written before them) are re-encoded in place, not orphaned
+MANIFEST = "manifest.json"
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_S = 3600  # a live writer touches its temp directory every few seconds
+# Why a shard on disk cannot be used, as counted in the log.
+MISSING, NO_MANIFEST, CORRUPT = 1, 2, 3
+ARRAYS = {"latents": ("latents", "latent_shapes", "latent_offsets", "skipped"),
+          "text": ("text", "caption_ids", "caption_offsets")}
+
+
+def required_arrays(what: dict) -> list:
+    return [name for kind, names in ARRAYS.items() if what[kind] for name in names]
 
 
 # ---------------------------------------------------------------- where
@@ -45,7 +74,8 @@ def cache_key(parts, dataset, what: dict) -> str:
     identity = {"version": FORMAT_VERSION, "model": parts.source, **what,
                 "vae": parts.vae.config if what["latents"] else None,
                 "text_encoder": parts.text_encoder.config.to_dict() if what["text"] else None,
-                "data": dataset.ds._fingerprint, "rows": len(dataset.ds)}
+                "data": dataset.ds._fingerprint, "rows": len(dataset.ds),
+                **({"shard_size": SHARD_SIZE} if SHARD_SIZE != DEFAULT_SHARD_SIZE else {})}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -101,12 +131,18 @@ def _encode_texts(parts, tokenize, captions: list, device) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype) -> dict:
+class _Interrupted(Exception):
+    """A signal arrived mid-shard: the shard is dropped, so that the ranks can agree to stop soon."""
+
+
+def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype, interrupted=lambda: False) -> dict:
     """Arrays of one shard: ragged latents as one flat array plus offsets and shapes; unique captions."""
     arrays = {}
     if what["latents"]:
         variants, skipped = [], []
         for index in indices:
+            if interrupted():
+                raise _Interrupted
             pixels, was_skipped = _pixel_variants(dataset, index, sizes[index] if sizes else dataset.resolution,
                                                   what["flip"])
             variants += pixels
@@ -130,13 +166,50 @@ def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype
     return arrays
 
 
-def write_shard_atomically(target: Path, arrays: dict):
-    """Write into a private temp dir, then rename: readers see the whole shard or none of it."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+def file_checksum(path: Path) -> str:
+    digest = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _writer() -> str:
+    """Who writes a temp directory, in its name: lets a later run tell a dead writer's leftovers from a live one."""
+    return f"pid{os.getpid()}@{socket.gethostname()}"
+
+
+def write_shard_atomically(target: Path, arrays: dict, replace: bool = False):
+    """Write into a private temp dir with a manifest of checksums, fsync it, then rename: readers see the whole
+    shard or none of it, and after a power cut the rename never points at unwritten data. `replace`: a shard
+    that failed verification is in the way."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-{_writer()}-", dir=target.parent))
+    try:
+        files = {}
         for name, array in arrays.items():
-            np.save(tmp / f"{name}.npy", array)
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, array)
+                f.flush()
+                os.fsync(f.fileno())
+            files[f"{name}.npy"] = {"bytes": (tmp / f"{name}.npy").stat().st_size,
+                                    "xxh3_64": file_checksum(tmp / f"{name}.npy")}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump({"format": FORMAT_VERSION, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        if replace:
+            _move_aside(target)
         os.rename(tmp, target)
+        _fsync(target.parent)
     except OSError:
         if not target.is_dir():  # another run finished the same shard first: theirs is as good as ours
             raise
@@ -144,34 +217,133 @@ def write_shard_atomically(target: Path, arrays: dict):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _move_aside(shard: Path):
+    """Out of the way in one rename (then deleted), so that the good shard replaces it in one rename too."""
+    aside = shard.with_name(f"{TEMP_PREFIX}old-{shard.name}-{_writer()}-aside")
+    try:
+        os.rename(shard, aside)
+    except FileNotFoundError:  # another run sharing the cache moved it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- verifying the cache
+
+
+def shard_problem(folder: Path, required: list) -> int:
+    """0 if the shard has the `required` arrays and its files match its manifest, else MISSING, NO_MANIFEST or
+    CORRUPT."""
+    if not folder.is_dir():
+        return MISSING
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        if any(f"{name}.npy" not in files for name in required):
+            return CORRUPT
+        for name, expected in files.items():
+            path = folder / name
+            if path.stat().st_size != expected["bytes"] or file_checksum(path) != expected["xxh3_64"]:
+                return CORRUPT
+    except FileNotFoundError as e:
+        return NO_MANIFEST if Path(e.filename or "").name == MANIFEST else CORRUPT
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return CORRUPT
+    return 0
+
+
+def verify_shards(directory: Path, shards: int, required: list, info) -> list:
+    """shard_problem of every shard, each rank checking its share; the same list on every rank. Collective."""
+    status = torch.zeros(shards, dtype=torch.int64, device=info.device)
+    for shard in range(info.rank, shards, info.world_size):
+        status[shard] = shard_problem(shard_dir(directory, shard), required)
+    if info.world_size > 1:
+        dist.all_reduce(status)
+    return status.tolist()
+
+
+def remove_stale_temps(directory: Path, now: Optional[float] = None) -> int:
+    """Remove the temp directories of writers that are gone; returns how many (see the module docstring)."""
+    now, host, removed = now or time.time(), socket.gethostname(), 0
+    for tmp in directory.glob(f"{TEMP_PREFIX}*"):
+        writer = re.search(r"-pid(\d+)@(.+)-[a-z0-9_]+$", tmp.name)
+        try:
+            untouched = now - tmp.stat().st_mtime
+        except FileNotFoundError:
+            continue
+        gone = writer is not None and writer.group(2) == host and not pid_runs(int(writer.group(1)))
+        if gone or untouched > STALE_TEMP_S:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _describe_problems(status: list) -> Optional[str]:
+    counts = {problem: status.count(problem) for problem in (CORRUPT, NO_MANIFEST)}
+    said = []
+    if counts[CORRUPT]:
+        n = counts[CORRUPT]
+        said.append(f"{n} shard{'s' if n > 1 else ''} failed {'their' if n > 1 else 'its'} checksum")
+    if counts[NO_MANIFEST]:
+        n = counts[NO_MANIFEST]
+        said.append(f"{n} shard{'s' if n > 1 else ''} had no checksum manifest (an older cache)")
+    total = sum(counts.values())
+    return f"cache: {' and '.join(said)}, and {'is' if total == 1 else 'are'} re-encoded" if said else None
+
+
 # ---------------------------------------------------------------- building the cache
 
 
-def missing_shards(directory: Path, samples: int) -> list:
-    """Shards not yet in place; a killed writer's hidden temp directory does not count as a shard."""
-    return [s for s in range(math.ceil(samples / SHARD_SIZE)) if not shard_dir(directory, s).is_dir()]
-
-
-def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say) -> Path:
-    """Encode the missing shards, each rank its share; returns the cache directory. Collective."""
+def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say, stop_request) -> Path:
+    """Verify the cache and encode the shards that are missing or bad, each rank its share; returns the cache
+    directory. A signal stops the run between shards (errors.CleanStop), the finished ones kept. Collective."""
     what = dict(what)
     directory = cache_root(what.pop("cache_dir")) / cache_key(parts, dataset, what)
     directory.mkdir(parents=True, exist_ok=True)
-    missing = missing_shards(directory, len(dataset))
-    encoded = torch.zeros((), dtype=torch.int64)
-    for shard in missing[info.rank::info.world_size]:
-        indices = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(dataset)))
-        write_shard_atomically(shard_dir(directory, shard),
-                               encode_shard(parts, dataset, indices, sizes, what, info.device, store_dtype))
-        encoded += len(indices)
-    dist.all_reduce(encoded)
-    barrier()
-    encoded = int(encoded.item())
+    if info.is_main and (removed := remove_stale_temps(directory)):
+        say(f"cache: removed {removed} stale temporary shard folder{'s' if removed > 1 else ''} "
+            "left by interrupted runs")
+    shards = math.ceil(len(dataset) / SHARD_SIZE)
+    started = time.perf_counter()
+    status = verify_shards(directory, shards, required_arrays(what), info)
+    if status.count(0):
+        say(f"cache: verified the checksums of {status.count(0)} shards in {time.perf_counter() - started:.1f} s")
+    if (problems := _describe_problems(status)) is not None:
+        say(problems)
+    todo = [shard for shard, problem in enumerate(status) if problem]
+    encoded = _encode_in_rounds(parts, dataset, sizes, what, info, store_dtype, stop_request, directory, todo,
+                                status)
     if encoded:
         say(f"cache: encoded {encoded} of {len(dataset)} samples into {directory}")
     else:
         say(f"cache: all {len(dataset)} samples found in {directory}; re-encoded nothing")
     return directory
+
+
+def _encode_in_rounds(parts, dataset, sizes, what, info, store_dtype, stop_request, directory, todo, status) -> int:
+    """Encode `todo`, one shard per rank per round; all ranks agree whether to stop before each round (ranks
+    have different numbers of shards, so they loop the same number of rounds). Returns the samples encoded."""
+    mine = todo[info.rank::info.world_size]
+    rounds = math.ceil(len(todo) / info.world_size)
+    encoded = torch.zeros(2, dtype=torch.int64, device=info.device)  # samples, shards
+    for round_ in range(rounds + 1 if rounds else 0):
+        if stop_request.agreed(info.device):
+            dist.all_reduce(encoded)
+            cached = len(status) - len(todo) + int(encoded[1])
+            raise CleanStop(f"stopped by {stop_request.name} while caching: {cached} of {len(status)} shards are "
+                            "cached and kept; rerun the same command to continue")
+        if round_ >= len(mine):
+            continue  # this rank is done: it still joins the others' agreements
+        shard = mine[round_]
+        indices = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(dataset)))
+        try:
+            arrays = encode_shard(parts, dataset, indices, sizes, what, info.device, store_dtype,
+                                  interrupted=lambda: stop_request.signal is not None)
+        except _Interrupted:
+            continue
+        write_shard_atomically(shard_dir(directory, shard), arrays, replace=status[shard] != MISSING)
+        encoded += torch.tensor([len(indices), 1], device=info.device)
+    dist.all_reduce(encoded)
+    barrier()
+    return int(encoded[0])
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -195,7 +367,13 @@ class CachedDataset(torch.utils.data.Dataset):
     def _shard(self, shard: int) -> dict:
         if shard not in self.shards:  # memory-mapped: RAM stays flat however large the cache
             folder = shard_dir(self.directory, shard)
-            self.shards[shard] = {f.stem: np.load(f, mmap_mode="r") for f in folder.glob("*.npy")}
+            try:
+                self.shards[shard] = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+                                      for name in required_arrays(self.what)}
+            except (OSError, ValueError, EOFError, KeyError) as e:
+                # verified before training: only a change made to the cache since then gets here
+                raise UserError(f"the cache shard {folder} changed during training and is unreadable "
+                                f"({first_line(e)}); rerun the same command to re-encode it") from None
         return self.shards[shard]
 
     def __getitem__(self, index):

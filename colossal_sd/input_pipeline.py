@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader
 from colossal_sd import buckets, caching, data, streaming, validation
 
 
-def build(args, parts, resolution: int, seed: int, info, engine):
+def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
     """(dataset, held-out set or None, dataloader, encode); encode(batch, device, generator) -> (latents, text
-    embeddings)."""
+    embeddings). A signal while caching stops the run (errors.CleanStop) with the finished shards kept."""
     say = (lambda message: print(message, flush=True)) if info.is_main else (lambda message: None)
     encode = caching.Encoder(parts, engine.compute_dtype)
     pin = info.device.type == "cuda"
@@ -30,7 +30,7 @@ def build(args, parts, resolution: int, seed: int, info, engine):
     if args.aspect_ratio_bucketing:
         batch_sampler = _bucket(args, parts, resolution, seed, info, dataset, say)
     if args.cache_latents or args.cache_text_embeddings:
-        dataset = _cache(args, parts, dataset, info, engine, say)
+        dataset = _cache(args, parts, dataset, info, engine, say, stop_request)
     if batch_sampler is None:
         return dataset, held_out, engine.prepare_dataloader(dataset, args.train_batch_size, seed,
                                                             args.dataloader_num_workers, data.collate), encode
@@ -67,7 +67,7 @@ def _bucket(args, parts, resolution, seed, info, dataset, say) -> buckets.Bucket
     return buckets.BucketBatchSampler(assigned, args.train_batch_size, info.world_size, info.rank, seed)
 
 
-def _cache(args, parts, dataset, info, engine, say) -> caching.CachedDataset:
+def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.CachedDataset:
     what = {"latents": args.cache_latents, "text": args.cache_text_embeddings, "flip": args.random_flip,
             "resolution": dataset.resolution, "crop": "center",
             "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None}
@@ -75,7 +75,7 @@ def _cache(args, parts, dataset, info, engine, say) -> caching.CachedDataset:
         say("cache: latents are cached centre-cropped (a new random crop each step cannot be cached)")
     store_dtype = np.float32 if engine.compute_dtype == torch.float32 else np.float16
     directory = caching.build_cache(parts, dataset, dataset.sizes, dict(what, cache_dir=args.cache_dir), info,
-                                    store_dtype, say)
+                                    store_dtype, say, stop_request)
     # Everything is cached: the encoders are not needed until saving, which reloads them from the source;
     # unless validation still encodes and samples, or the source is a single file's configs only.
     if not (args.validation_prompts or args.validation_split or parts.single_file):

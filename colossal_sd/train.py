@@ -6,8 +6,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from colossal_sd import data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins, saving
-from colossal_sd import config_file, resume_match, single_file, speed, validation
+from colossal_sd import config_file, data, distributed, ema, final_outputs, input_pipeline, lora, models, plugins
+from colossal_sd import resume_match, run_lock, saving, single_file, speed, storage, validation
 from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
@@ -30,7 +30,10 @@ def train(args):
     info = distributed.init_distributed()
     stop_request = StopRequest()  # from the start: a signal at any point is a flag, never a traceback
     try:
-        _train(args, info, stop_request)
+        storage.check_paths(args, info)  # before any heavy work: an unwritable --output_dir is one line now
+        say = (lambda message: print(message, flush=True)) if info.is_main else (lambda message: None)
+        with run_lock.hold(args.output_dir, info, say), storage.write_failures_as_one_line(args):
+            _train(args, info, stop_request)
     finally:
         stop_request.close()
         distributed.shutdown_distributed()
@@ -49,13 +52,15 @@ def _train(args, info, stop_request):
     distributed.seed_everything(seed)  # same initial state on every rank
     parts = models.load_parts(args)
     base_model = base_model_fingerprint(parts)  # before a resume or caching changes or frees any part
+    storage.warn_if_short_of_space(args, parts, info)
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
     flops_per_sample = speed.unet_flops_per_sample(parts.unet, resolution // parts.vae_scale_factor,
                                                    parts.unet.config.cross_attention_dim, info.device)
     speed.speed_up_unet(parts.unet, info.device, args.compile)
-    dataset, held_out, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine)
+    dataset, held_out, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine,
+                                                                     stop_request)
     loss_options = LossOptions.from_args(args).checked(parts.noise_scheduler)
     empty_caption = data.tokenize(parts.tokenizer, "")
 

@@ -73,7 +73,8 @@ def test_interrupted_shard_is_never_read(tmp_path, monkeypatch):
     # a writer killed mid-shard leaves only its hidden temp directory: the shard still counts as missing
     (tmp_path / ".tmp-shard-00000-killed").mkdir()
     (tmp_path / ".tmp-shard-00000-killed" / "latents.npy").write_bytes(b"half")
-    assert caching.missing_shards(tmp_path, 10) == [0]
+    shard = caching.shard_dir(tmp_path, 0)
+    assert caching.shard_problem(shard, ["latents"]) == caching.MISSING
 
     real_save = np.save
 
@@ -85,12 +86,12 @@ def test_interrupted_shard_is_never_read(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", save_then_fail)
     with pytest.raises(OSError):
         caching.write_shard_atomically(caching.shard_dir(tmp_path, 0), {"latents": np.zeros(2), "text": np.ones(2)})
-    assert caching.missing_shards(tmp_path, 10) == [0]
+    assert caching.shard_problem(shard, ["latents"]) == caching.MISSING
     assert [p.name for p in tmp_path.iterdir()] == [".tmp-shard-00000-killed"]  # ours was cleaned up
 
     monkeypatch.setattr(np, "save", real_save)
     caching.write_shard_atomically(caching.shard_dir(tmp_path, 0), {"latents": np.zeros(2)})
-    assert caching.missing_shards(tmp_path, 10) == []
+    assert caching.shard_problem(shard, ["latents"]) == 0
 
 
 # ---------------------------------------------------------------- bucketing
