@@ -6,7 +6,7 @@ variants and the dataset's content fingerprint. Each rank encodes its share of t
 temp directory, fsyncs it, and renames it into place, so a killed or concurrent run never leaves a shard that can
 be read half-written.
 
-Each shard holds ``manifest.json``: every file's size and xxh3-64 checksum. Every run verifies every shard (each
+Each shard holds ``manifest.json``: every file's size and xxh3-128 checksum. Every run verifies every shard (each
 rank its share) before training on it: one that is missing files, truncated, emptied by a power cut, corrupted
 in place or written before manifests existed is re-encoded, and the log counts it. The cost is one read of the
 cache per run, split across the ranks: xxh3 hashes about 5 GB/s on one core, so it is the disk's read speed (SD at
@@ -36,10 +36,10 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import xxhash
 from torchvision.transforms import functional as TF
 
 from colossal_sd import data, embedded, models
+from colossal_sd.checksums import ALGORITHM, file_checksum
 from colossal_sd.distributed import barrier
 from colossal_sd.errors import CleanStop, UserError, first_line
 from colossal_sd.run_lock import pid_runs
@@ -166,14 +166,6 @@ def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype
     return arrays
 
 
-def file_checksum(path: Path) -> str:
-    digest = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 23):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -200,7 +192,7 @@ def write_shard_atomically(target: Path, arrays: dict, replace: bool = False):
                 f.flush()
                 os.fsync(f.fileno())
             files[f"{name}.npy"] = {"bytes": (tmp / f"{name}.npy").stat().st_size,
-                                    "xxh3_64": file_checksum(tmp / f"{name}.npy")}
+                                    ALGORITHM: file_checksum(tmp / f"{name}.npy")}
         with open(tmp / MANIFEST, "w") as f:
             json.dump({"format": FORMAT_VERSION, "files": files}, f, indent=1)
             f.flush()
@@ -241,7 +233,7 @@ def shard_problem(folder: Path, required: list) -> int:
             return CORRUPT
         for name, expected in files.items():
             path = folder / name
-            if path.stat().st_size != expected["bytes"] or file_checksum(path) != expected["xxh3_64"]:
+            if path.stat().st_size != expected["bytes"] or file_checksum(path) != expected[ALGORITHM]:
                 return CORRUPT
     except FileNotFoundError as e:
         return NO_MANIFEST if Path(e.filename or "").name == MANIFEST else CORRUPT
