@@ -22,14 +22,12 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from colossal_sd import embedded
+from colossal_sd import embedded, final_outputs
 from colossal_sd.caching import cache_root
 from colossal_sd.errors import UserError
 
 FP32 = 4
 ADAM_STATES = 2  # exp_avg and exp_avg_sq, fp32, per trainable parameter
-PIPELINE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "safety_checker", "feature_extractor",
-                    "unet_raw")
 REASONS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
            errno.EPERM: "permission denied"}
@@ -94,7 +92,7 @@ def _why(e: OSError, folder: Path) -> str:
 
 
 def base_model_problem(args) -> Optional[str]:
-    """The final save replaces output_dir's pipeline folders: refuse where the base model lies there."""
+    """A run moves output_dir's final outputs aside and saves its own there: refuse where the base model lies."""
     name = args.pretrained_model_name_or_path
     if embedded.is_embedded(name) or not Path(name).expanduser().exists():
         return None  # a hub id is read from the hub's cache, which the run never writes to
@@ -102,7 +100,7 @@ def base_model_problem(args) -> Optional[str]:
     if base == out:
         return (f"--output_dir {args.output_dir} is the base model's folder (--pretrained_model_name_or_path): "
                 "saving would overwrite the base model; choose another --output_dir")
-    written = [out / folder for folder in PIPELINE_FOLDERS] + [out / f"{out.name}.safetensors"]
+    written = [out / name for name in final_outputs.output_names(out)]  # saved over, or moved aside first
     if any(base == w or w in base.parents for w in written):
         return (f"--output_dir {args.output_dir}: saving would overwrite the base model {name} "
                 "(--pretrained_model_name_or_path); choose another --output_dir")
