@@ -46,6 +46,8 @@ def _pipeline_class(index_class: str, model: str):
 
 def open_model(model: str, single_file_config=None, allow_unsafe_pickle=False):
     """(pipeline on the CPU in fp32, a short model name for the PNGs' parameters)."""
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, not the user's business
     if single_file.is_single_file(model):
         return _from_single_file(model, single_file_config, allow_unsafe_pickle), Path(model).stem
     if single_file_config or allow_unsafe_pickle:
