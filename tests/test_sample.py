@@ -189,17 +189,28 @@ def test_each_png_has_its_lines_size_seed_and_a1111_parameters(from_pipeline_fol
         assert grid.size == (256, 2 * sampling.LABEL_HEIGHT + 64 + 96)
 
 
-def test_sharded_across_two_processes_gives_the_same_images(from_pipeline_folder, full_run, prompts, tmp_path):
-    """Deterministic, and under torchrun each image is drawn once, by one rank: the same files, pixel for pixel."""
+def test_the_same_prompt_file_and_seeds_give_identical_images(from_pipeline_folder, full_run, prompts, tmp_path):
+    first, _ = from_pipeline_folder
+    run_sample("--model", full_run, "--prompt_file", prompts, *SAMPLE, "--output_dir", tmp_path)
+    expected, got = pngs(first), pngs(tmp_path)
+    assert got.keys() == expected.keys()
+    assert all(np.array_equal(got[name][0], expected[name][0]) for name in expected)
+    assert (tmp_path / "grid.png").read_bytes() == (first / "grid.png").read_bytes()
+
+
+def test_sharded_across_two_processes_each_image_once(from_pipeline_folder, full_run, prompts, tmp_path):
+    """Under torchrun each image is drawn once, by one rank, from its own seed: the same files as one process
+    writes (torchrun's one thread per process sums in another order: equal to a grey level)."""
     single, _ = from_pipeline_folder
     proc = run_sample("--model", full_run, "--prompt_file", prompts, *SAMPLE, "--output_dir", tmp_path, nproc=2)
     assert "prompt 1/2" in proc.stdout and "prompt 2/2" not in proc.stdout  # rank 0 drew only its half
     expected, got = pngs(single), pngs(tmp_path)
     assert got.keys() == expected.keys()
     for name in expected:
-        assert np.array_equal(got[name][0], expected[name][0]), name
+        assert np.abs(got[name][0].astype(int) - expected[name][0]).max() <= 2, name
         assert got[name][1] == expected[name][1]
-    assert (tmp_path / "grid.png").is_file()
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (256, 2 * sampling.LABEL_HEIGHT + 64 + 96)
 
 
 def test_sample_from_a_mid_run_checkpoint_uses_its_unet(full_run, from_pipeline_folder, tmp_path):
