@@ -162,6 +162,12 @@ def lora_scales(loras: Sequence[str], scales: Sequence[float]) -> List[float]:
     return scales
 
 
+def _mismatch(e: BaseException) -> str:
+    """torch's load_state_dict error starts with a header line; the first mismatch says what does not fit."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if line.startswith("size mismatch")), first_line(e))
+
+
 def load_loras(pipeline, loras: Sequence[str], scales: Sequence[float]) -> List[Tuple[str, float]]:
     """Load each LoRA (diffusers or kohya keys: diffusers converts) as its own adapter, at its scale.
     A LoRA made for another model is a one-line error."""
@@ -173,7 +179,7 @@ def load_loras(pipeline, loras: Sequence[str], scales: Sequence[float]) -> List[
         try:
             pipeline.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         except (ValueError, RuntimeError, KeyError, OSError) as e:
-            raise UserError(f"--lora '{lora}' does not fit this model: {first_line(e)}") from None
+            raise UserError(f"--lora '{lora}' does not fit this model: {_mismatch(e)}") from None
         adapters[name] = scale
     pipeline.set_adapters(list(adapters), list(adapters.values()))
     return list(adapters.items())
