@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Image width, a multiple of 8 (--w). Default: the model's native size.")
     p.add_argument("--height", type=int, default=None,
                    help="Image height, a multiple of 8 (--h). Default: the model's native size.")
-    p.add_argument("--seed", type=int, default=0, help="Seed of each prompt's first image; image i gets seed + i (--d).")
+    p.add_argument("--seed", type=int, default=0,
+                   help="Seed of each prompt's first image; image i gets seed + i (--d).")
     p.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="Classifier-free guidance (--l).")
     p.add_argument("--steps", type=int, default=20, help="Denoising steps (--s).")
     p.add_argument("--num_images", type=int, default=1, help="Images per prompt.")

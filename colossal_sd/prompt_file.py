@@ -52,8 +52,8 @@ def _whole(text: str, what: str) -> int:
 
 def check_size(value: int, label: str) -> int:
     if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-        raise UserError(f"{label} must be a multiple of {SIZE_MULTIPLE} pixels, at least {SIZE_MULTIPLE} (got {value}); "
-                        f"try {max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
+        raise UserError(f"{label} must be a multiple of {SIZE_MULTIPLE} pixels, at least {SIZE_MULTIPLE} "
+                        f"(got {value}); try {max(SIZE_MULTIPLE, value // SIZE_MULTIPLE * SIZE_MULTIPLE)}")
     return value
 
 

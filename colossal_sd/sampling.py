@@ -244,7 +244,8 @@ def run(args):
         sample_images(pipeline, prompts, args.num_images, output_dir, model_name, rank, world_size, say)
         distributed.barrier()  # every rank's images are in output_dir
         if rank == 0:
-            say(f"wrote {len(prompts) * args.num_images} image(s) and {write_grid(prompts, args.num_images, output_dir)}")
+            grid = write_grid(prompts, args.num_images, output_dir)
+            say(f"wrote {len(prompts) * args.num_images} image(s) and {grid}")
     finally:
         distributed.shutdown_distributed()
 

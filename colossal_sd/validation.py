@@ -7,7 +7,8 @@ restored afterwards, so a run with validation trains exactly the same weights as
 - Images: global rank 0 builds a pipeline around a copy of the current weights (the EMA weights when
   --use_ema is on), generates --num_validation_images per prompt (image i from seed --validation_seed + i, or
   a --validation_prompts_file line's own --d + i; its size, steps, guidance and negative prompt likewise; see
-  colossal_sd.sampling), and saves a labelled grid to ``output_dir/samples/step-<N>.png`` (``final.png`` after training).
+  colossal_sd.sampling), and saves a labelled grid to ``output_dir/samples/step-<N>.png`` (``final.png``
+  after training).
 - Loss: every rank evaluates its share of the held-out --validation_split with the live model, at the same
   noise and timesteps each time (a fresh generator seeded from --validation_seed), so values are comparable
   across steps; the mean over all ranks is logged as ``val_loss``.

@@ -1,7 +1,6 @@
 """sample.py and prompt files: prompts in, PNGs out, from every kind of trained model; the training grids read the
 same prompt files."""
 
-import json
 import subprocess
 import sys
 
