@@ -57,6 +57,9 @@ def open_model(model: str, single_file_config=None, allow_unsafe_pickle=False):
     path = Path(source).expanduser()
     if (path / CHECKPOINT_STATE).is_file():
         return _from_checkpoint(path), f"{path.resolve().parent.name}-{path.name}"
+    if path.is_dir() and not (path / "model_index.json").is_file() and _lora_file(path):
+        raise UserError(f"--model '{model}' holds a LoRA ({_lora_file(path).name}), not a model: give its base "
+                        f"model as --model and this folder as --lora")
     if path.is_dir() and not (path / "model_index.json").is_file():
         raise UserError(f"--model '{model}' is neither a diffusers pipeline folder (no model_index.json) nor a "
                         f"checkpoint-N folder (no {CHECKPOINT_STATE}); give one of those or a .safetensors/.ckpt file")
@@ -64,6 +67,11 @@ def open_model(model: str, single_file_config=None, allow_unsafe_pickle=False):
         raise UserError(f"--model '{model}' does not exist")
     name = path.resolve().name if path.exists() else model.split("/")[-1]
     return _from_folder(model, source), name
+
+
+def _lora_file(folder: Path):
+    from colossal_sd.lora import WEIGHT_NAME
+    return folder / WEIGHT_NAME if (folder / WEIGHT_NAME).is_file() else None
 
 
 def _from_folder(model: str, source: str):

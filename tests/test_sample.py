@@ -260,6 +260,11 @@ def test_sample_with_a_lora(which, lora_run, base_and_lora_images, tmp_path):
         assert all(np.abs(g - w).max() <= 2 for g, w in zip(got, with_lora))
 
 
+def test_a_lora_folder_given_as_model_says_to_pass_it_as_lora(lora_run, tmp_path):
+    proc = run_sample("--model", lora_run, "--prompt", "x", "--output_dir", tmp_path, check=False)
+    assert_one_line_error(proc, "holds a LoRA (pytorch_lora_weights.safetensors), not a model")
+
+
 def test_a_lora_for_another_model_is_one_line(tmp_path, tiny_sd):
     from safetensors.torch import save_file
 
