@@ -265,6 +265,10 @@ def add_quality_arguments(p: argparse.ArgumentParser):
     val = p.add_argument_group("validation")
     val.add_argument("--validation_prompts", nargs="+", default=None,
                      help="Prompts sampled during and after training into output_dir/samples/*.png.")
+    val.add_argument("--validation_prompts_file", default=None, metavar="FILE",
+                     help="Instead of --validation_prompts: a prompt file as sample.py's --prompt_file reads, one "
+                          "prompt per line with kohya's options (--n negative, --w/--h size, --d seed, "
+                          "--l guidance, --s steps); what a line leaves out comes from the validation flags.")
     val.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
     val.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
     val.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
@@ -308,7 +312,17 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
         resolve_resume(args.resume_from_checkpoint, args.output_dir, print, check=problem)  # checksums come later
     check_lora_arguments(args)
     check_quality_arguments(args)
+    check_validation_prompts(args)
     return args
+
+
+def check_validation_prompts(args):
+    """One definition of the grids' prompts; a bad prompt file fails here, before anything loads."""
+    if args.validation_prompts_file and args.validation_prompts:
+        raise UserError("give either --validation_prompts or --validation_prompts_file, not both")
+    if args.validation_prompts_file:
+        from colossal_sd.prompt_file import read_prompt_file
+        read_prompt_file(args.validation_prompts_file)
 
 
 def check_data_pipeline(args):

@@ -5,8 +5,10 @@ and never disturb training: they draw from their own seeded generators, and the 
 restored afterwards, so a run with validation trains exactly the same weights as one without.
 
 - Images: global rank 0 builds a pipeline around a copy of the current weights (the EMA weights when
-  --use_ema is on), generates --num_validation_images per prompt from --validation_seed, and saves a
-  labelled grid to ``output_dir/samples/step-<N>.png`` (``final.png`` after training).
+  --use_ema is on), generates --num_validation_images per prompt (image i from seed --validation_seed + i, or
+  a --validation_prompts_file line's own --d + i; its size, steps, guidance and negative prompt likewise; see
+  colossal_sd.sampling), and saves a labelled grid to ``output_dir/samples/step-<N>.png`` (``final.png``
+  after training).
 - Loss: every rank evaluates its share of the held-out --validation_split with the live model, at the same
   noise and timesteps each time (a fresh generator seeded from --validation_seed), so values are comparable
   across steps; the mean over all ranks is logged as ``val_loss``.
@@ -21,15 +23,13 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
 
-from colossal_sd import models
+from colossal_sd import models, sampling
 from colossal_sd.data import collate
 from colossal_sd.errors import UserError
 from colossal_sd.loss import denoising_loss, sample_noise, sample_timesteps
-
-LABEL_HEIGHT = 14
-LABEL_PADDING = 4
+from colossal_sd.prompt_file import validation_prompts
+from colossal_sd.sampling import LABEL_HEIGHT, label_grid  # noqa: F401 (the grid is drawn there, for sample.py too)
 
 
 def split_off_validation(dataset, fraction: float, seed: int):
@@ -67,22 +67,6 @@ def preserved_rng(device):
             np.random.set_state(numpy_state)
 
 
-def label_grid(rows, labels, cell):
-    """One row of images per label, the label written above its row, on white."""
-    font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max(int(probe.textlength(label, font=font)) for label in labels) + 2 * LABEL_PADDING
-    width = max(cell * max(len(r) for r in rows), text_width)
-    grid = Image.new("RGB", (width, len(rows) * (cell + LABEL_HEIGHT)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        top = r * (cell + LABEL_HEIGHT)
-        draw.text((LABEL_PADDING, top + 1), label, fill="black", font=font)
-        for c, image in enumerate(images):
-            grid.paste(image.resize((cell, cell)), (c * cell, top + LABEL_HEIGHT))
-    return grid
-
-
 class Validator:
     def __init__(self, args, engine, parts, resolution, held_out, tracker):
         self.args, self.engine, self.parts = args, engine, parts
@@ -93,11 +77,14 @@ class Validator:
             sampler=torch.utils.data.DistributedSampler(held_out, engine.dist.world_size, engine.dist.rank,
                                                         shuffle=False))
         self.samples_dir = os.path.join(args.output_dir, "samples")
+        # --validation_prompts_file's lines (each with its own size, seed, steps...) or --validation_prompts
+        self.prompts = [p.with_defaults(width=resolution, height=resolution, guidance_scale=sampling.DEFAULT_GUIDANCE)
+                        for p in validation_prompts(args)]
         self._unet = None  # rank 0's copy for sampling, allocated on first use
 
     @property
     def enabled(self) -> bool:
-        return bool(self.args.validation_prompts) or self.held_out is not None
+        return bool(self.prompts) or self.held_out is not None
 
     def due(self, step: int, epoch_done: int = None) -> bool:
         """At every --validation_steps step, and at the end of every --validation_epochs epoch (1-based)."""
@@ -110,17 +97,17 @@ class Validator:
         with preserved_rng(self.device):
             if self.held_out is not None:
                 self.tracker.scalars(step, {"val_loss": self.loss(model)}, prefix="validation")
-            if self.args.validation_prompts and self.args.use_lora:
+            if self.prompts and self.args.use_lora:
                 if self.engine.dist.is_main:
                     self.images(f"step-{step}", None, step)
-            elif self.args.validation_prompts:
+            elif self.prompts:
                 weights = ema.weights() if ema is not None else self.engine.full_state_dict(model)
                 if self.engine.dist.is_main:
                     self.images(f"step-{step}", weights, step)
 
     def final(self, weights):
         """After training, on rank 0 only, from the saved weights."""
-        if self.args.validation_prompts and self.engine.dist.is_main:
+        if self.prompts and self.engine.dist.is_main:
             with preserved_rng(self.device):
                 self.images("final", weights, None)
 
@@ -154,13 +141,10 @@ class Validator:
             self.parts.unet.train(training)
 
     def _images(self, name: str, pipeline, step):
-        args = self.args
-        generator = torch.Generator("cpu").manual_seed(args.validation_seed)
-        rows = [pipeline(prompt, num_images_per_prompt=args.num_validation_images,
-                         num_inference_steps=args.validation_inference_steps, height=self.resolution,
-                         width=self.resolution, generator=generator).images
-                for prompt in args.validation_prompts]
-        grid = label_grid(rows, args.validation_prompts, max(self.resolution, 64))
+        count = self.args.num_validation_images
+        rows = [sampling.generate(pipeline, prompt, sampling.image_seeds(prompt.seed, count))[0]
+                for prompt in self.prompts]
+        grid = label_grid(rows, [prompt.prompt for prompt in self.prompts])
         os.makedirs(self.samples_dir, exist_ok=True)
         path = os.path.join(self.samples_dir, f"{name}.png")
         grid.save(path)
