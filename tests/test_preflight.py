@@ -87,7 +87,8 @@ def test_a_full_disk_is_warned_of_and_fails_in_one_line_keeping_the_checkpoint(t
     from colossal_sd.checkpoint import problem
     kept = tmp_path / "kept" / "out"
     assert problem(kept / "checkpoint-2") is None  # complete, every file of the right size
-    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint-2"]  # no temp folder, no lock left behind
+    # no temp folder, no lock left behind; the run's settings, written at start, stay
+    assert sorted(p.name for p in kept.iterdir()) == ["checkpoint-2", "training_config.toml"]
 
 
 def test_disk_warning_says_what_is_needed_and_what_is_free():
