@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 EMBEDDED_MODEL = "embedded:tiny-sd"
+EMBEDDED_SDXL_MODEL = "embedded:tiny-sdxl"
 EMBEDDED_DATASET = "embedded:emoji"
 MODEL_SEED = 0
 TINY_RESOLUTION = 64
@@ -31,7 +32,8 @@ def resolve(name: str) -> str:
     """Map an embedded name to its directory, building it the first time."""
     # The directory names carry a version: a builder whose output changes gets a fresh directory (and
     # so fresh latent-cache keys) instead of reusing what an older release built.
-    builders = {EMBEDDED_MODEL: (build_tiny_sd, "tiny-sd-v3"), EMBEDDED_DATASET: (build_emoji_imagefolder, "emoji")}
+    builders = {EMBEDDED_MODEL: (build_tiny_sd, "tiny-sd-v3"), EMBEDDED_DATASET: (build_emoji_imagefolder, "emoji"),
+                EMBEDDED_SDXL_MODEL: (build_tiny_sdxl, "tiny-sdxl-v1")}
     if name not in builders:
         from colossal_sd.errors import UserError
         raise UserError(f"unknown embedded name '{name}'; known: {', '.join(builders)}")
@@ -121,6 +123,54 @@ def build_tiny_sd(out: Path):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    shutil.rmtree(out / "_tok")
+
+
+def build_tiny_sdxl(out: Path):
+    """A seed-deterministic SDXL-shaped pipeline: 64 px images, 8x8x4 latents.
+
+    It keeps what SDXL's code and single-file layout rely on: two text encoders of different widths (diffusers
+    tells them apart by width), each of 10 layers (SDXL files are recognised by ``resblocks.9``), the second with
+    a projection for the pooled embedding; a 3-level UNet with 2 layers per block, ``text_time`` conditioning
+    and more transformer layers in the deepest block; a 4-level VAE that upcasts to fp32 (``force_upcast``).
+    """
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab_size = write_clip_tokenizer_files(out / "_tok")
+    files = (str(out / "_tok/vocab.json"), str(out / "_tok/merges.txt"))
+    tokenizer = CLIPTokenizer(*files, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(*files, model_max_length=77, pad_token="!")  # as OpenCLIP pads SDXL's second
+    torch.manual_seed(MODEL_SEED)
+    special = dict(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=vocab_size - 2,
+                   eos_token_id=vocab_size - 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=10, num_attention_heads=2, projection_dim=32,
+        pad_token_id=vocab_size - 1, **special))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=10, num_attention_heads=4, projection_dim=64,
+        hidden_act="gelu", pad_token_id=0, **special))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=1, sample_size=TINY_RESOLUTION, force_upcast=True)
+    _fit_vae(vae, Path(resolve(EMBEDDED_DATASET)))
+    time_embed_dim = 8  # SDXL's 256, per number of its six time ids
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 128), attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 1, 2),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 64, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim + 64)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(out, safe_serialization=True)
     shutil.rmtree(out / "_tok")
 

@@ -1,0 +1,22 @@
+"""Stable Diffusion 1.x and 2.x: one CLIP (1.x) or OpenCLIP (2.x) text encoder, its last hidden states."""
+
+import torch
+
+from colossal_sd.families.base import Family
+
+# The safety checker stays off: a fine-tune's samples are for looking at, and a single file carries none.
+NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+class StableDiffusion(Family):
+    name = "SD 1.x/2.x"
+    pipeline_class = "StableDiffusionPipeline"
+    text_components = (("tokenizer", "text_encoder"),)
+    text_encoder_classes = {"text_encoder": "CLIPTextModel"}
+    lora_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+
+    def pipeline_kwargs(self) -> dict:
+        return dict(NO_SAFETY_CHECKER)
+
+    def encode_prompt(self, text_encoders: dict, input_ids: torch.Tensor, empty_ids: torch.Tensor) -> dict:
+        return {"encoder_hidden_states": text_encoders["text_encoder"](input_ids, return_dict=False)[0]}
