@@ -36,7 +36,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.transforms import functional as TF
 
 from colossal_sd import data, embedded, models
 from colossal_sd.checksums import ALGORITHM, file_checksum
@@ -48,18 +47,21 @@ DEFAULT_SHARD_SIZE = 256
 # Overridable so that a test gets several shards out of a few dozen samples; part of the cache key.
 SHARD_SIZE = int(os.environ.get("COLOSSAL_SD_CACHE_SHARD_SIZE", DEFAULT_SHARD_SIZE))
 ENCODE_BATCH = 32
-FORMAT_VERSION = 1  # shards without a manifest (written before them) are re-encoded in place, not orphaned
+FORMAT_VERSION = 2  # 2: time ids (SDXL's size conditioning) and pooled text embeddings. Shards without a manifest (written before them) are re-encoded in place, not orphaned
 MANIFEST = "manifest.json"
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_S = 3600  # a live writer touches its temp directory every few seconds
 # Why a shard on disk cannot be used, as counted in the log.
 MISSING, NO_MANIFEST, CORRUPT = 1, 2, 3
-ARRAYS = {"latents": ("latents", "latent_shapes", "latent_offsets", "skipped"),
-          "text": ("text", "caption_ids", "caption_offsets")}
+ARRAYS = {"latents": ("latents", "latent_shapes", "latent_offsets", "skipped", "time_ids"),
+          "text": ("caption_ids", "caption_offsets")}
+# Each of the family's text outputs (models.BatchEncoder) is one array of unique captions.
+TEXT_ARRAYS = {"encoder_hidden_states": "text", "text_embeds": "text_pooled"}
 
 
 def required_arrays(what: dict) -> list:
-    return [name for kind, names in ARRAYS.items() if what[kind] for name in names]
+    names = [name for kind, names in ARRAYS.items() if what[kind] for name in names]
+    return names + ([TEXT_ARRAYS[output] for output in what["text_outputs"]] if what["text"] else [])
 
 
 # ---------------------------------------------------------------- where
@@ -72,8 +74,9 @@ def cache_root(cache_dir) -> Path:
 def cache_key(parts, dataset, what: dict) -> str:
     """Hash of the model's encoders, the data's content fingerprint and every setting that changes an encoding."""
     identity = {"version": FORMAT_VERSION, "model": parts.source, **what,
-                "vae": parts.vae.config if what["latents"] else None,
-                "text_encoder": parts.text_encoder.config.to_dict() if what["text"] else None,
+                "vae": (parts.vae.config, parts.vae_source) if what["latents"] else None,
+                "text_encoder": {name: encoder.config.to_dict() for name, encoder in parts.text_encoders.items()}
+                if what["text"] else None,
                 "data": dataset.ds._fingerprint, "rows": len(dataset.ds),
                 **({"shard_size": SHARD_SIZE} if SHARD_SIZE != DEFAULT_SHARD_SIZE else {})}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -87,15 +90,17 @@ def shard_dir(directory: Path, shard: int) -> Path:
 
 
 def _pixel_variants(dataset, index, size, flips: bool):
-    """The image at `index` (or the next readable one), centre-cropped, and its mirror image when flipping."""
+    """The image at `index` (or the next readable one), centre-cropped, and its mirror image when flipping:
+    [(pixels, time ids)] per variant, and whether the image was replaced."""
     for skipped in range(dataset.MAX_SKIPS):
         row = dataset.ds[(index + skipped) % len(dataset.ds)]
         try:
             image = data.open_image(row[dataset.image_column], dataset.root)
         except Exception:
             continue
-        pixels = data.image_to_tensor(image, size, True, False, random.Random(0))
-        return ([pixels, TF.hflip(pixels)] if flips else [pixels]), int(skipped > 0)
+        variants = [data.transform(image, size, True, False, random.Random(0), flip=flip)
+                    for flip in ((False, True) if flips else (False,))]
+        return variants, int(skipped > 0)
     raise RuntimeError(f"{dataset.MAX_SKIPS} images in a row from index {index} are unreadable")
 
 
@@ -123,12 +128,14 @@ def _encode_latent_dists(parts, pixels: list, device) -> list:
 
 
 @torch.no_grad()
-def _encode_texts(parts, tokenize, captions: list, device) -> torch.Tensor:
-    chunks = []
+def _encode_texts(parts, tokenize, captions: list, device) -> dict:
+    """Each of the family's text outputs for `captions`, stacked: {output name: tensor}."""
+    chunks = {}
     for start in range(0, len(captions), ENCODE_BATCH):
         ids = torch.stack([tokenize(c) for c in captions[start:start + ENCODE_BATCH]]).to(device)
-        chunks.append(parts.text_encoder(ids, return_dict=False)[0].float().cpu())
-    return torch.cat(chunks)
+        for name, value in parts.encode_prompt(ids).items():
+            chunks.setdefault(name, []).append(value.float().cpu())
+    return {name: torch.cat(values) for name, values in chunks.items()}
 
 
 class _Interrupted(Exception):
@@ -139,13 +146,14 @@ def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype
     """Arrays of one shard: ragged latents as one flat array plus offsets and shapes; unique captions."""
     arrays = {}
     if what["latents"]:
-        variants, skipped = [], []
+        variants, time_ids, skipped = [], [], []
         for index in indices:
             if interrupted():
                 raise _Interrupted
-            pixels, was_skipped = _pixel_variants(dataset, index, sizes[index] if sizes else dataset.resolution,
-                                                  what["flip"])
-            variants += pixels
+            encoded, was_skipped = _pixel_variants(dataset, index, sizes[index] if sizes else dataset.resolution,
+                                                   what["flip"])
+            variants += [pixels for pixels, _ in encoded]
+            time_ids.append(torch.stack([ids for _, ids in encoded]))
             skipped.append(was_skipped)
         dists = _encode_latent_dists(parts, variants, device)
         per_image = 2 if what["flip"] else 1
@@ -154,13 +162,15 @@ def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype
         arrays["latent_shapes"] = np.array([d.shape for d in per_sample], dtype=np.int64)
         arrays["latent_offsets"] = np.cumsum([0] + [d.numel() for d in per_sample]).astype(np.int64)
         arrays["skipped"] = np.array(skipped, dtype=np.int64)
+        arrays["time_ids"] = torch.stack(time_ids).numpy().astype(np.float32)  # samples x variants x 6
     if what["text"]:
         unique, caption_ids, offsets = {"": 0}, [], [0]
         for index in indices:
             for caption in _captions(dataset.ds[index][dataset.caption_column]):
                 caption_ids.append(unique.setdefault(caption, len(unique)))
             offsets.append(len(caption_ids))
-        arrays["text"] = _encode_texts(parts, dataset.tokenize, list(unique), device).numpy().astype(store_dtype)
+        for name, value in _encode_texts(parts, dataset.tokenize, list(unique), device).items():
+            arrays[TEXT_ARRAYS[name]] = value.numpy().astype(store_dtype)
         arrays["caption_ids"] = np.array(caption_ids, dtype=np.int64)
         arrays["caption_offsets"] = np.array(offsets, dtype=np.int64)
     return arrays
@@ -377,37 +387,14 @@ class CachedDataset(torch.utils.data.Dataset):
             start, end = arrays["latent_offsets"][row:row + 2]
             variants = torch.from_numpy(np.array(arrays["latents"][start:end])).view(*arrays["latent_shapes"][row])
             flip = self.what["flip"] and rng.random() < 0.5
-            sample.update(latent_dist=variants[int(flip)].float(), skipped=int(arrays["skipped"][row]))
+            sample.update(latent_dist=variants[int(flip)].float(), skipped=int(arrays["skipped"][row]),
+                          time_ids=torch.from_numpy(np.array(arrays["time_ids"][row, int(flip)])))
             sample.pop("pixel_values", None)
         if self.what["text"]:
             start, end = arrays["caption_offsets"][row:row + 2]
             caption = 0 if rng.random() < self.caption_dropout else int(rng.choice(arrays["caption_ids"][start:end]))
-            sample["text_embeddings"] = torch.from_numpy(np.array(arrays["text"][caption])).float()
+            for output in self.what["text_outputs"]:
+                value = np.array(arrays[TEXT_ARRAYS[output]][caption])
+                sample[models.CACHED_TEXT[output]] = torch.from_numpy(value).float()
             sample.pop("input_ids", None)
         return sample
-
-
-# ---------------------------------------------------------------- the loop's view
-
-
-class Encoder:
-    """Latents and text embeddings for a batch: sampled from the cache where cached, encoded otherwise."""
-
-    def __init__(self, parts, compute_dtype):
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-        self.parts, self.compute_dtype = parts, compute_dtype
-        self.scaling_factor = parts.vae.config.scaling_factor  # kept: the VAE itself may be freed
-        self.distribution = DiagonalGaussianDistribution
-
-    def __call__(self, batch, device, generator):
-        if "latent_dist" in batch:
-            params = batch["latent_dist"].to(device, non_blocking=True)
-            latents = self.distribution(params).sample(generator) * self.scaling_factor
-        else:
-            latents = models.encode_latents(self.parts, batch["pixel_values"].to(device, non_blocking=True),
-                                            generator)
-        if "text_embeddings" in batch:
-            text = batch["text_embeddings"].to(device, self.compute_dtype, non_blocking=True)
-        else:
-            text = models.encode_text(self.parts, batch["input_ids"].to(device, non_blocking=True))
-        return latents.float(), text

@@ -179,7 +179,17 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, rand
 
     `resolution` may be a (height, width) bucket: the image is resized to cover it, then cropped to it.
     """
+    return transform(image, resolution, center_crop, random_flip, rng)[0]
+
+
+def transform(image: Image.Image, resolution, center_crop: bool, random_flip: bool, rng: random.Random,
+              flip=None):
+    """(pixels, time ids) of :func:`image_to_tensor`. The time ids are SDXL's size conditioning, as it was
+    trained: original (height, width), the crop's (top, left) in the resized image, and the output (height,
+    width). A flipped crop's left is measured in the flipped image, so the conditioning describes the pixels.
+    `flip` True or False decides the flip instead of `random_flip`'s draw (the cache encodes both)."""
     out_h, out_w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    original = (image.height, image.width)
     if isinstance(resolution, int):
         image = TF.resize(image, resolution, interpolation=TF.InterpolationMode.BILINEAR)
     else:
@@ -192,9 +202,12 @@ def image_to_tensor(image: Image.Image, resolution: int, center_crop: bool, rand
     else:
         top, left = rng.randint(0, height - out_h), rng.randint(0, width - out_w)
     image = TF.crop(image, top, left, out_h, out_w)
-    if random_flip and rng.random() < 0.5:
-        image = TF.hflip(image)
-    return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+    if flip is None:
+        flip = random_flip and rng.random() < 0.5
+    if flip:
+        image, left = TF.hflip(image), width - out_w - left  # the same pixels as cropping the flipped image there
+    time_ids = torch.tensor([*original, top, left, out_h, out_w], dtype=torch.float32)
+    return TF.normalize(TF.to_tensor(image), [0.5], [0.5]), time_ids
 
 
 def pick_caption(value, rng: random.Random) -> str:
@@ -254,14 +267,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             image = open_image(row[self.image_column], self.root)
         except Exception:
             return None
-        pixels = image_to_tensor(image, size, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng))}
+        pixels, time_ids = transform(image, size, self.center_crop, self.random_flip, rng)
+        return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng)),
+                "time_ids": time_ids}
 
     def tokenize(self, caption: str) -> torch.Tensor:
         return tokenize(self.tokenizer, caption)
 
 
 def tokenize(tokenizer, caption: str) -> torch.Tensor:
+    """Token ids (77,); a tuple of tokenizers (SDXL's two) gives one row each."""
+    if isinstance(tokenizer, tuple):
+        return torch.stack([tokenize(t, caption) for t in tokenizer])
     return tokenizer(caption, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                      return_tensors="pt").input_ids[0]
 

@@ -8,7 +8,6 @@ tens of milliseconds for SD 1.5 on a CPU, where hashing all the weights would ta
 import torch
 import xxhash
 
-COMPONENTS = ("unet", "text_encoder", "vae")
 _SAMPLES = 16  # values read from each tensor
 
 
@@ -26,4 +25,5 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 def base_model_fingerprint(parts) -> dict:
     """Component name -> fingerprint, of the models as loaded (before any resume or training changes them)."""
-    return {name: module_fingerprint(getattr(parts, name)) for name in COMPONENTS}
+    models = dict(parts.frozen(), unet=parts.unet)
+    return {name: module_fingerprint(models[name]) for name in ("unet", *parts.text_encoders, "vae")}

@@ -11,20 +11,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from colossal_sd import buckets, caching, data, streaming, validation
+from colossal_sd import buckets, caching, data, models, streaming, validation
 
 
 def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
     """(dataset, held-out set or None, dataloader, encode); encode(batch, device, generator) -> (latents, text
-    embeddings). A signal while caching stops the run (errors.CleanStop) with the finished shards kept."""
+    embeddings) as models.BatchEncoder. A signal while caching stops the run (errors.CleanStop) with the finished shards kept."""
     say = (lambda message: print(message, flush=True)) if info.is_main else (lambda message: None)
-    encode = caching.Encoder(parts, engine.compute_dtype)
+    encode = models.BatchEncoder(parts, engine.compute_dtype, args.train_text_encoder_lora)
     pin = info.device.type == "cuda"
     if args.streaming:
-        dataset = streaming.build_stream(args, parts.tokenizer, resolution, seed, info)
+        dataset = streaming.build_stream(args, parts.caption_tokenizer, resolution, seed, info)
         return dataset, None, DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=data.collate,
                                          num_workers=args.dataloader_num_workers, pin_memory=pin), encode
-    dataset = data.build_dataset(args, parts.tokenizer, resolution, seed)
+    dataset = data.build_dataset(args, parts.caption_tokenizer, resolution, seed)
     dataset, held_out = validation.split_off_validation(dataset, args.validation_split, seed)
     batch_sampler = None
     if args.aspect_ratio_bucketing:
@@ -69,6 +69,7 @@ def _bucket(args, parts, resolution, seed, info, dataset, say) -> buckets.Bucket
 
 def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.CachedDataset:
     what = {"latents": args.cache_latents, "text": args.cache_text_embeddings, "flip": args.random_flip,
+            "text_outputs": list(parts.family.text_outputs),
             "resolution": dataset.resolution, "crop": "center",
             "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None}
     if args.cache_latents and not args.center_crop:
@@ -82,7 +83,7 @@ def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.Cac
         if args.cache_latents:
             parts.vae = None
         if args.cache_text_embeddings:
-            parts.text_encoder = None
+            parts.text_encoders = None
     gc.collect()
     if info.device.type == "cuda":
         torch.cuda.empty_cache()

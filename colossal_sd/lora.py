@@ -57,17 +57,22 @@ def lora_config(args, target_modules):
 
 # -- training
 class TextConditionedUNet(torch.nn.Module):
-    """The text encoder and the UNet as one model for the booster, so the text encoder's adapters get gradients
-    and are synchronised with the UNet's. Called like the UNet, with token ids in place of text embeddings."""
+    """The text encoders and the UNet as one model for the booster, so the text encoders' adapters get gradients
+    and are synchronised with the UNet's. Called like the UNet, with token ids (and SDXL's time ids) in place of
+    the conditioning; its sub-modules keep the pipeline's component names ("unet", "text_encoder", ...)."""
 
-    def __init__(self, unet, text_encoder):
+    def __init__(self, parts):
         super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
+        self.unet = parts.unet
+        self.encoder_names = list(parts.text_encoders)
+        for name, encoder in parts.text_encoders.items():
+            self.add_module(name, encoder)
+        self.family, self.empty_ids = parts.family, parts.empty_ids
 
-    def forward(self, sample, timestep, input_ids, return_dict=False):
-        encoder_hidden_states = self.text_encoder(input_ids, return_dict=False)[0]
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=return_dict)
+    def forward(self, sample, timestep, input_ids, time_ids=None, return_dict=False):
+        encoders = {name: getattr(self, name) for name in self.encoder_names}
+        text = self.family.encode_prompt(encoders, input_ids, self.empty_ids)
+        return self.unet(sample, timestep, **self.family.conditioning(text, time_ids), return_dict=return_dict)
 
 
 def add_lora(engine, parts, args) -> torch.nn.Module:
@@ -81,7 +86,7 @@ def add_lora(engine, parts, args) -> torch.nn.Module:
     targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
     unet = parts.unet
     if args.train_text_encoder_lora:
-        unet = TextConditionedUNet(parts.unet, parts.text_encoder).train()
+        unet = TextConditionedUNet(parts).train()
         targets += TEXT_ENCODER_TARGET_MODULES  # CLIP's names, which no UNet module shares
     unet.requires_grad_(False).to(engine.dist.device, dtype=engine.compute_dtype)
     config = lora_config(args, targets)
@@ -97,7 +102,7 @@ def add_lora(engine, parts, args) -> torch.nn.Module:
 def describe(model, args) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters()) - trainable
-    where = "the UNet" + (" and text encoder" if args.train_text_encoder_lora else "")
+    where = "the UNet" + (" and text encoders" if args.train_text_encoder_lora else "")
     return (f"LoRA rank={args.rank} alpha={args.lora_alpha:g} dropout={args.lora_dropout:g} on "
             f"{args.lora_target_modules}: {trainable:,} trainable parameters "
             f"({100 * trainable / frozen:.2f}% of {where}'s {frozen:,})")
@@ -139,55 +144,50 @@ def _component(state: dict, name: str) -> dict:
     return {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")} or None
 
 
-def save_lora_weights(directory, unet, export_format: str = "diffusers"):
+def save_lora_weights(directory, unet, family, unet_config, export_format: str = "diffusers"):
     """Write the inference-ready LoRA file(s) of the trained `unet` into `directory`. Global rank 0 only.
 
     `unet` is the model as boosted (``engine.unwrap`` of it, or the peft model), text encoder adapters included.
     Writes ``pytorch_lora_weights.safetensors`` (diffusers' ``load_lora_weights``) and, for export_format
-    "kohya", ``pytorch_lora_weights_kohya.safetensors`` (A1111 / ComfyUI: ``lora_unet_*`` and ``lora_te_*``
-    keys with ``.alpha``).
+    "kohya", ``pytorch_lora_weights_kohya.safetensors`` (A1111 / ComfyUI: ``lora_unet_*`` and ``lora_te*_*``
+    keys with ``.alpha``, named as the family's kohya files are).
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
     from safetensors.torch import save_file
 
     state = convert_state_dict_to_diffusers(lora_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=_component(state, "unet"),
-                                              text_encoder_lora_layers=_component(state, "text_encoder"),
-                                              weight_name=WEIGHT_NAME, safe_serialization=True)
+    layers = {f"{name}_lora_layers": _component(state, name) for name in family.lora_prefixes}
+    family.pipeline().save_lora_weights(directory, **layers, weight_name=WEIGHT_NAME, safe_serialization=True)
     if export_format == "kohya":
-        kohya = convert_state_dict_to_kohya(lora_state_dict(unet))
-        # diffusers names SD 1.x's one text encoder like SDXL's first; A1111 and ComfyUI read lora_te_ for it
-        kohya = {k.replace("lora_te1_", "lora_te_", 1): v for k, v in kohya.items()}
+        kohya = convert_state_dict_to_kohya(family.kohya_module_names(lora_state_dict(unet), unet_config))
+        kohya = family.kohya_prefixes(kohya)
         save_file(kohya, str(Path(directory) / KOHYA_WEIGHT_NAME), metadata={"format": "pt"})
 
 
 def save_merged_pipeline(directory, parts, args):
     """Base pipeline + the LoRA file already in args.output_dir, fused into plain weights and saved whole."""
-    from diffusers import StableDiffusionPipeline
+    from colossal_sd.saving import open_base_pipeline, save_pipeline
 
-    from colossal_sd.saving import save_pipeline
-
-    pipeline = StableDiffusionPipeline.from_pretrained(parts.source, revision=args.revision, variant=args.variant,
-                                                       cache_dir=args.cache_dir)
+    pipeline = open_base_pipeline(parts, args)
     pipeline.load_lora_weights(args.output_dir, weight_name=WEIGHT_NAME)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
-    fused = dataclasses.replace(parts, unet=pipeline.unet, vae=pipeline.vae, text_encoder=pipeline.text_encoder)
+    fused = dataclasses.replace(parts, unet=pipeline.unet, vae=pipeline.vae,
+                                text_encoders={name: getattr(pipeline, name) for name in parts.family.text_encoder_classes})
     save_pipeline(directory, fused, pipeline.unet.state_dict(), args)
 
 
 def save_lora_outputs(unet, parts, args, run: dict):
     """Everything a LoRA run leaves in args.output_dir. Global rank 0 only."""
     output = Path(args.output_dir)
-    save_lora_weights(output, unet, args.lora_export_format)
+    save_lora_weights(output, unet, parts.family, parts.unet.config, args.lora_export_format)
     if args.merge_lora:
         save_merged_pipeline(output / MERGED_DIR, parts, args)
-    write_model_card(output, args, parts.source, run)
+    write_model_card(output, args, parts.source, run, parts.family.pipeline_class)
 
 
-def write_model_card(directory: Path, args, source: str, run: dict):
+def write_model_card(directory: Path, args, source: str, run: dict, pipeline_class: str):
     """README.md for the hub and for people: base, data, settings, files, how to load."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -207,7 +207,7 @@ def write_model_card(directory: Path, args, source: str, run: dict):
         "with Colossal-AI.", "",
         "## Settings", "", *[f"- {name}: {value}" for name, value in settings.items()], "",
         "## Files", "", *[f"- `{name}`" for name in files], "",
-        "## Use", "", "```python", "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{source}")',
+        "## Use", "", "```python", f"from diffusers import {pipeline_class}",
+        f'pipe = {pipeline_class}.from_pretrained("{source}")',
         f'pipe.load_lora_weights("{args.output_dir}")', "```", ""])
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(directory / "README.md")

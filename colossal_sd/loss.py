@@ -89,20 +89,22 @@ def weighted_mse(prediction, target, weights=None):
     return (per_sample * weights).mean()
 
 
-def noise_prediction_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, options=LossOptions()):
-    """MSE between the UNet's prediction and the scheduler's target, noise and timesteps drawn from `generator`."""
+def noise_prediction_loss(unet, noise_scheduler, latents, conditioning, generator, options=LossOptions()):
+    """MSE between the UNet's prediction and the scheduler's target, noise and timesteps drawn from `generator`.
+    `conditioning`: the model's keyword arguments (models.BatchEncoder), or the text embeddings alone."""
     noise = sample_noise(latents, generator, options.noise_offset)
     timesteps = sample_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, options)
     noisy_latents = noise_scheduler.add_noise(latents, perturb(noise, generator, options.input_perturbation),
                                               timesteps)
-    return denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, encoder_hidden_states,
+    return denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, conditioning,
                           options.snr_gamma)
 
 
-def denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, encoder_hidden_states,
-                   snr_gamma=None):
+def denoising_loss(unet, noise_scheduler, latents, noisy_latents, noise, timesteps, conditioning, snr_gamma=None):
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-    prediction = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    if not isinstance(conditioning, dict):
+        conditioning = {"encoder_hidden_states": conditioning}
+    prediction = unet(noisy_latents, timesteps, **conditioning, return_dict=False)[0]
     weights = None if snr_gamma is None else min_snr_weights(noise_scheduler, timesteps, snr_gamma)
     return weighted_mse(prediction, target, weights)
 
@@ -113,4 +115,5 @@ def drop_captions(input_ids, empty_ids, probability, generator):
     if not probability:
         return input_ids
     drop = torch.rand(input_ids.shape[0], generator=generator, device=generator.device) < probability
-    return torch.where(drop[:, None].to(input_ids.device), empty_ids.to(input_ids.device), input_ids)
+    drop = drop.view(-1, *[1] * (input_ids.ndim - 1))  # one row of ids per caption, or one per text encoder
+    return torch.where(drop.to(input_ids.device), empty_ids.to(input_ids.device), input_ids)

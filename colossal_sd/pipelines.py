@@ -7,9 +7,9 @@
 - a single ``.safetensors``/``.ckpt`` file in the original SD layout, read by colossal_sd.single_file under the
   trainer's rules (a pickle loads with ``weights_only`` unless ``--allow_unsafe_pickle``).
 
-Model families: a folder's ``model_index.json`` names its pipeline class, looked up in :data:`PIPELINES`.
-SD 1.x and 2.x share ``StableDiffusionPipeline``; another family's module adds its class with
-:func:`register_pipeline` and everything else here (checkpoints, LoRAs, sampling) works unchanged.
+Model families: a folder's ``model_index.json`` names its pipeline class, which colossal_sd.families maps to
+its family (SD 1.x/2.x or SDXL); everything else here (checkpoints, LoRAs, sampling) is the same for all.
+The safety checker stays off, as in the training grids: samples of one's own fine-tune are for looking at.
 """
 
 import argparse
@@ -22,26 +22,16 @@ from colossal_sd.errors import UserError, first_line
 from colossal_sd.hub import load_failure
 
 CHECKPOINT_STATE = "training_state.json"  # colossal_sd.checkpoint.STATE, without importing the training side
-NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-# model_index.json's _class_name -> (diffusers pipeline class, keyword arguments for from_pretrained). The
-# safety checker stays off, as in the training grids: samples of one's own fine-tune are for looking at.
-PIPELINES = {"StableDiffusionPipeline": ("StableDiffusionPipeline", NO_SAFETY_CHECKER)}
 
 
-def register_pipeline(index_class: str, pipeline_class: str, **from_pretrained_kwargs):
-    """Let --model open another family's folders (e.g. "StableDiffusionXLPipeline")."""
-    PIPELINES[index_class] = (pipeline_class, from_pretrained_kwargs)
+def _family(index: dict, model: str):
+    from colossal_sd import families
 
-
-def _pipeline_class(index_class: str, model: str):
-    import diffusers
-
-    if index_class not in PIPELINES:
-        raise UserError(f"--model '{model}' is a {index_class}; sample.py opens "
-                        f"{', '.join(PIPELINES)} (SD 1.x and 2.x) models")
-    name, kwargs = PIPELINES[index_class]
-    return getattr(diffusers, name), kwargs
+    family = families.for_pipeline_class(index.get("_class_name"), index)
+    if family is None:
+        raise UserError(f"--model '{model}' is a {index.get('_class_name')}; sample.py opens "
+                        f"{', '.join(families.FAMILIES)} models")
+    return family
 
 
 def open_model(model: str, single_file_config=None, allow_unsafe_pickle=False):
@@ -78,9 +68,8 @@ def _from_folder(model: str, source: str):
     from diffusers import DiffusionPipeline
 
     try:
-        index = DiffusionPipeline.load_config(source)
-        cls, kwargs = _pipeline_class(index.get("_class_name"), model)
-        pipeline = cls.from_pretrained(source, **kwargs)
+        family = _family(dict(DiffusionPipeline.load_config(source)), model)
+        pipeline = family.pipeline().from_pretrained(source, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:
         raise UserError(load_failure("model", model, e, "local diffusers pipeline folder", source)) from None
     pipeline.set_progress_bar_config(disable=True)
@@ -89,8 +78,6 @@ def _from_folder(model: str, source: str):
 
 def _from_single_file(path: str, config, allow_unsafe_pickle: bool):
     """The trainer's own single-file loading (colossal_sd.models.load_parts), assembled into a pipeline."""
-    from diffusers import StableDiffusionPipeline
-
     from colossal_sd.models import load_parts
 
     if not Path(path).expanduser().is_file():
@@ -99,9 +86,8 @@ def _from_single_file(path: str, config, allow_unsafe_pickle: bool):
                               allow_unsafe_pickle=allow_unsafe_pickle, revision=None, variant=None, cache_dir=None,
                               prediction_type=None)
     parts = load_parts(args)
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        parts.source, unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        **NO_SAFETY_CHECKER)
+    pipeline = parts.family.pipeline().from_pretrained(parts.source, **parts.components(),
+                                                       **parts.family.pipeline_kwargs())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -11,7 +11,6 @@ from typing import Callable, List, Tuple
 
 from colossal_sd.errors import CleanStop, UserError
 from colossal_sd.final_outputs import finished_step
-from colossal_sd.fingerprint import COMPONENTS
 
 KEY = "must_match"
 SCHEDULE_FLAGS = ("lr_scheduler", "lr_warmup_steps")
@@ -66,7 +65,8 @@ def _differences(recorded: dict, now: dict, state: dict, args, world_size: int, 
     if recorded["resolution"] != now["resolution"]:
         yield (f"{name} was trained at {recorded['resolution']} px, this run asks for {now['resolution']} px",
                f"--resolution {recorded['resolution']}")
-    changed = [c for c in COMPONENTS if recorded["base_model"].get(c) != now["base_model"].get(c)]
+    components = list(dict.fromkeys([*now["base_model"], *recorded["base_model"]]))
+    changed = [c for c in components if recorded["base_model"].get(c) != now["base_model"].get(c)]
     if changed:
         old, new = old_args.get("pretrained_model_name_or_path"), args.pretrained_model_name_or_path
         source = (f"--pretrained_model_name_or_path {old} then and now: its files changed" if old == new else

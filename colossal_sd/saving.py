@@ -5,8 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-PIPELINE_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
-                  "safety_checker", "feature_extractor")
+PIPELINE_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                  "scheduler", "safety_checker", "feature_extractor")
 
 
 def atomic_directory(target: Path, write):
@@ -28,21 +28,25 @@ def atomic_directory(target: Path, write):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def open_base_pipeline(parts, args, **components):
+    """The family's pipeline loaded from the base model's source, with `components` in place of the source's."""
+    if parts.vae_source and "vae" not in components:  # the VAE trained with, not the source's
+        from colossal_sd.models import load_vae_override
+        components["vae"] = load_vae_override(parts.vae_source, dict(revision=args.revision, cache_dir=args.cache_dir))
+    return parts.family.pipeline().from_pretrained(
+        parts.source, **components, **parts.tokenizers, revision=args.revision, variant=args.variant,
+        cache_dir=args.cache_dir, **parts.family.loading_kwargs(bool(parts.single_file)))
+
+
 def save_pipeline(output_dir, parts, unet_state_dict, args):
     """Rebuild the UNet from the gathered weights and save the whole pipeline as diffusers would load it."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_config(parts.unet.config)
     unet.load_state_dict(unet_state_dict)
-    # A single file carries no safety checker (diffusers' from_single_file skips it too); its config source
-    # may hold only configs, so none is fetched from there.
-    no_checker = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    # A part freed once its outputs were cached is None here: from_pretrained reloads it from the source.
-    frozen = {name: getattr(parts, name).float().cpu() for name in ("vae", "text_encoder")
-              if getattr(parts, name) is not None}
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        parts.source, unet=unet, **frozen, tokenizer=parts.tokenizer, revision=args.revision,
-        variant=args.variant, cache_dir=args.cache_dir, **(no_checker if parts.single_file else {}))
+    # A part freed once its outputs were cached is missing here: from_pretrained reloads it from the source.
+    frozen = {name: module.float().cpu() for name, module in parts.frozen().items()}
+    pipeline = open_base_pipeline(parts, args, unet=unet, **frozen)
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
     atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))

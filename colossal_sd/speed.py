@@ -6,15 +6,16 @@ import torch
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
-def unet_flops_per_sample(unet, latent_size: int, cross_attention_dim: int, device) -> int:
+def unet_flops_per_sample(parts, latent_size: int, device) -> int:
     """FLOPs of one training sample (forward and backward), counted once on a batch of one."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    unet = parts.unet
     latents = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device)
-    text = torch.randn(1, 77, cross_attention_dim, device=device)
+    conditioning = parts.family.random_conditioning(unet.config, 1, latent_size * parts.vae_scale_factor, device)
     timesteps = torch.zeros(1, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter:
-        unet(latents, timesteps, text, return_dict=False)[0].float().pow(2).mean().backward()
+        unet(latents, timesteps, **conditioning, return_dict=False)[0].float().pow(2).mean().backward()
     unet.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

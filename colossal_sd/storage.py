@@ -139,7 +139,7 @@ def warn_if_short_of_space(args, parts, info):
         return
     unet = _params(parts.unet)
     trainable = unet // 20 if args.use_lora else unet  # adapters are a few percent of the UNet at most
-    needed = space_needed(unet, _params(parts.vae) + _params(parts.text_encoder), trainable, args.use_ema,
+    needed = space_needed(unet, sum(_params(module) for module in parts.frozen().values()), trainable, args.use_ema,
                           args.use_lora, args.save_single_file)
     warning = disk_warning(args.output_dir, needed)
     if warning:

@@ -56,13 +56,12 @@ def _train(args, info, stop_request):
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
-    flops_per_sample = speed.unet_flops_per_sample(parts.unet, resolution // parts.vae_scale_factor,
-                                                   parts.unet.config.cross_attention_dim, info.device)
+    flops_per_sample = speed.unet_flops_per_sample(parts, resolution // parts.vae_scale_factor, info.device)
     speed.speed_up_unet(parts.unet, info.device, args.compile)
     dataset, held_out, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine,
                                                                      stop_request)
     loss_options = LossOptions.from_args(args).checked(parts.noise_scheduler)
-    empty_caption = data.tokenize(parts.tokenizer, "")
+    empty_caption = parts.empty_ids
 
     batches_per_epoch = len(dataloader)  # the sampler shortens len(dataloader) in an epoch resumed midway
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
@@ -115,11 +114,10 @@ def _train(args, info, stop_request):
                 if "input_ids" in batch:  # cached text embeddings drop their captions in the dataset
                     batch["input_ids"] = drop_captions(batch["input_ids"].to(info.device, non_blocking=True),
                                                        empty_caption, args.caption_dropout, generator)
-                latents, text = encode(batch, info.device, generator)
-                if args.train_text_encoder_lora:
-                    text = batch["input_ids"]  # the model encodes it, through its adapters
+                latents, conditioning = encode(batch, info.device, generator)
                 with engine.autocast():
-                    loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, text, generator, loss_options)
+                    loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, conditioning, generator,
+                                                 loss_options)
                 engine.backward(loss / accumulation, optimizer)
             window.add(loss.detach(), len(latents))
             skipped += batch["skipped"]

@@ -81,6 +81,7 @@ class Validator:
         self.prompts = [p.with_defaults(width=resolution, height=resolution, guidance_scale=sampling.DEFAULT_GUIDANCE)
                         for p in validation_prompts(args)]
         self._unet = None  # rank 0's copy for sampling, allocated on first use
+        self.encode = models.BatchEncoder(parts, engine.compute_dtype, args.train_text_encoder_lora)
 
     @property
     def enabled(self) -> bool:
@@ -117,15 +118,12 @@ class Validator:
         totals = torch.zeros(2, device=self.device)
         model.eval()
         for batch in self.held_out:
-            latents, text = models.encode_batch(self.parts, batch["pixel_values"].to(self.device),
-                                                batch["input_ids"].to(self.device), generator)
-            if self.args.train_text_encoder_lora:
-                text = batch["input_ids"].to(self.device)  # that model encodes it, through its adapters
+            latents, conditioning = self.encode(batch, self.device, generator)
             noise = sample_noise(latents, generator)
             timesteps = sample_timesteps(self.parts.noise_scheduler, len(latents), generator, self.device)
             noisy = self.parts.noise_scheduler.add_noise(latents, noise, timesteps)
             with self.engine.autocast():
-                loss = denoising_loss(model, self.parts.noise_scheduler, latents, noisy, noise, timesteps, text)
+                loss = denoising_loss(model, self.parts.noise_scheduler, latents, noisy, noise, timesteps, conditioning)
             totals += torch.stack([loss.float() * len(latents), torch.tensor(float(len(latents)), device=self.device)])
         model.train()
         dist.all_reduce(totals)
@@ -154,22 +152,20 @@ class Validator:
     def pipeline(self, weights):
         """A pipeline around the frozen parts and a rank-0 UNet copy holding `weights`, in the compute dtype.
         `weights` None: the UNet being trained, as it is (LoRA adapters live inside the frozen UNet)."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-        if weights is None:  # the live, adapted models: moving or casting them would touch what trains
-            unet, vae, text_encoder = self.parts.unet, self.parts.vae, self.parts.text_encoder
-        else:
+        unet = self.parts.unet
+        if weights is not None:
             if self._unet is None:
                 self._unet = UNet2DConditionModel.from_config(self.parts.unet.config).eval()
             self._unet.load_state_dict(weights)
-            # Saving the pipeline moves the frozen parts to the CPU in fp32: bring all to one device and dtype.
-            unet, vae, text_encoder = (m.to(self.device, self.engine.compute_dtype)
-                                       for m in (self._unet, self.parts.vae, self.parts.text_encoder))
+            unet = self._unet.to(self.device, self.engine.compute_dtype)
+            # Saving the pipeline moves the frozen parts to the CPU in fp32: bring them back
+            models.place_frozen(self.parts, self.device, self.engine.compute_dtype)
+        # else the live, adapted models: moving or casting them would touch what trains
         # DPM-Solver++ samples well in a few steps; it inherits the training scheduler's betas and prediction type.
         scheduler = DPMSolverMultistepScheduler.from_config(self.parts.noise_scheduler.config)
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
-                                           tokenizer=self.parts.tokenizer, unet=unet, scheduler=scheduler,
-                                           safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
+        components = dict(self.parts.components(), unet=unet, scheduler=scheduler)
+        pipeline = self.parts.family.pipeline()(**components, **self.parts.family.pipeline_kwargs())
         pipeline.set_progress_bar_config(disable=True)
         return pipeline

@@ -26,7 +26,8 @@ class StableDiffusionXL(Family):
         return bool(self.index.get("force_zeros_for_empty_prompt", True))  # the pipeline's default
 
     def pipeline_kwargs(self) -> dict:
-        return {"add_watermarker": False}  # needs an extra package, and marks one's own samples
+        # the watermark needs an extra package, and marks one's own samples
+        return {"add_watermarker": False, "force_zeros_for_empty_prompt": self.zeros_for_empty_prompt}
 
     @property
     def text_outputs(self):
@@ -50,6 +51,21 @@ class StableDiffusionXL(Family):
         time_ids = time_ids.to(text["text_embeds"].device, text["text_embeds"].dtype)
         return {"encoder_hidden_states": text["encoder_hidden_states"],
                 "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids}}
+
+    def random_conditioning(self, unet_config, batch_size: int, resolution: int, device, generator=None) -> dict:
+        text = super().random_conditioning(unet_config, batch_size, resolution, device, generator)
+        pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+        text["text_embeds"] = torch.randn((batch_size, pooled), generator=generator, device=device)
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=torch.float32)
+        return self.conditioning(text, time_ids.repeat(batch_size, 1))
+
+    def kohya_module_names(self, lora_state: dict, unet_config) -> dict:
+        """The UNet's modules under their SGM names (input_blocks.4.1...), as sd-scripts writes SDXL LoRAs."""
+        from colossal_sd.single_file import ldm_key, unet_modules
+
+        modules = unet_modules(unet_config)
+        return {("unet." + ldm_key(k[len("unet."):], "unet", "", modules) if k.startswith("unet.") else k): v
+                for k, v in lora_state.items()}
 
     def vae_dtype(self, vae, compute_dtype: torch.dtype) -> torch.dtype:
         # SDXL's own VAE overflows in fp16; its config says so (an fp16-fix VAE's does not)
