@@ -29,10 +29,11 @@ class StableDiffusionParts:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
+    def __post_init__(self):
+        self._vae_config = self.vae.config  # kept: the VAE itself may be freed once latents are cached
+
     @property
     def vae_config(self):
-        if self.vae is not None:
-            self._vae_config = self.vae.config  # kept: the VAE itself may be freed
         return self._vae_config
 
     @property
@@ -199,7 +200,7 @@ class BatchEncoder:
     def __init__(self, parts: StableDiffusionParts, compute_dtype, text_encoder_lora: bool = False):
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
         self.parts, self.compute_dtype, self.text_encoder_lora = parts, compute_dtype, text_encoder_lora
-        self.scaling_factor = parts.vae.config.scaling_factor  # kept: the VAE itself may be freed
+        self.scaling_factor = parts.vae_config.scaling_factor
         self.distribution = DiagonalGaussianDistribution
 
     def __call__(self, batch, device, generator):

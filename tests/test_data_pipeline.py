@@ -57,9 +57,11 @@ class _Rows(list):
 
 
 def test_cache_key_changes_with_resolution_flip_buckets_and_data():
-    parts = SimpleNamespace(source="m", vae=SimpleNamespace(config={"scaling_factor": 0.18}),
-                            text_encoder=SimpleNamespace(config=SimpleNamespace(to_dict=lambda: {"h": 64})))
-    base = {"latents": True, "text": True, "flip": False, "resolution": 32, "crop": "center", "buckets": None}
+    parts = SimpleNamespace(source="m", vae=SimpleNamespace(config={"scaling_factor": 0.18}), vae_source=None,
+                            text_encoders={"text_encoder": SimpleNamespace(
+                                config=SimpleNamespace(to_dict=lambda: {"h": 64}))})
+    base = {"latents": True, "text": True, "flip": False, "resolution": 32, "crop": "center", "buckets": None,
+            "text_outputs": ["encoder_hidden_states"]}
 
     def key(fingerprint="abc", **change):
         return caching.cache_key(parts, SimpleNamespace(ds=_Rows(fingerprint)), {**base, **change})
@@ -181,8 +183,10 @@ def tiny_unet(tiny_sd):
 
 
 def test_flops_per_sample_are_counted_and_grow_with_resolution(tiny_unet):
-    small = speed.unet_flops_per_sample(tiny_unet, 8, 64, torch.device("cpu"))
-    large = speed.unet_flops_per_sample(tiny_unet, 16, 64, torch.device("cpu"))
+    from colossal_sd.families import StableDiffusion
+    parts = SimpleNamespace(unet=tiny_unet, family=StableDiffusion({}), vae_scale_factor=4)
+    small = speed.unet_flops_per_sample(parts, 8, torch.device("cpu"))
+    large = speed.unet_flops_per_sample(parts, 16, torch.device("cpu"))
     assert small > 0 and 3.5 < large / small < 4.5  # convolutions dominate: ~linear in pixels
     assert all(p.grad is None for p in tiny_unet.parameters())
 

@@ -73,7 +73,7 @@ def test_caption_dropout_replaces_the_drawn_captions_by_the_empty_one():
 class RecordingUNet(torch.nn.Module):
     """Predicts zeros and remembers its input."""
 
-    def forward(self, noisy_latents, timesteps, text, return_dict=False):
+    def forward(self, noisy_latents, timesteps, encoder_hidden_states=None, return_dict=False):
         self.seen = (noisy_latents, timesteps)
         return (torch.zeros_like(noisy_latents),)
 
