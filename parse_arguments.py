@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--allow_unsafe_pickle", action="store_true",
                        help="Load a .ckpt base model even if it holds more than tensors (unpickling it can run "
                             "code: only for files you trust).")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="Another VAE to encode (and save) with instead of the base model's: a VAE folder or "
+                            "hub id, e.g. madebyollin/sdxl-vae-fp16-fix, whose config lets SDXL encode in fp16. "
+                            "The saved pipeline holds this VAE.")
     model.add_argument("--revision", default=None, help="Hub revision of the pretrained model.")
     model.add_argument("--variant", default=None, help="Weight variant of the pretrained model, e.g. 'fp16'.")
     model.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),

@@ -79,11 +79,16 @@ def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.Cac
                                     store_dtype, say, stop_request)
     # Everything is cached: the encoders are not needed until saving, which reloads them from the source;
     # unless validation still encodes and samples, or the source is a single file's configs only.
-    if not (args.validation_prompts or getattr(args, "validation_prompts_file", None) or args.validation_split or parts.single_file):
+    if not (args.validation_prompts or getattr(args, "validation_prompts_file", None) or args.validation_split
+            or parts.single_file):
+        freed = [name for name in ([*parts.text_encoders] if args.cache_text_embeddings else []) +
+                 (["vae"] if args.cache_latents else [])]
         if args.cache_latents:
             parts.vae = None
         if args.cache_text_embeddings:
             parts.text_encoders = None
+        if freed:
+            say(f"cache: freed {', '.join(freed)} until saving (everything they encode is cached)")
     gc.collect()
     if info.device.type == "cuda":
         torch.cuda.empty_cache()

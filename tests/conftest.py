@@ -32,6 +32,13 @@ def tiny_sd(embedded_home):
     return Path(embedded.resolve(embedded.EMBEDDED_MODEL))
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(embedded_home):
+    """The embedded SDXL model's pipeline directory (built on first use)."""
+    from colossal_sd import embedded
+    return Path(embedded.resolve(embedded.EMBEDDED_SDXL_MODEL))
+
+
 def _env(extra=None):
     env = dict(os.environ, PYTHON=sys.executable, PYTHONUNBUFFERED="1")
     env.update(extra or {})
