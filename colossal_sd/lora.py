@@ -96,7 +96,18 @@ def add_lora(engine, parts, args) -> torch.nn.Module:
     except ValueError as e:  # peft: no module matches the targets
         raise UserError(f"--lora_target_modules {args.lora_target_modules}: {first_line(e)}") from None
     cast_training_params(model, torch.float32)  # fp32 adapters: GradScaler refuses fp16 gradients
+    if args.train_text_encoder_lora:
+        freeze_unused_adapters(model, parts.family.unused_text_layers(parts.text_encoders))
     return model
+
+
+def freeze_unused_adapters(model, unused_layers: list):
+    """Adapters in text-encoder layers whose output the conditioning never uses would get no gradient, which DDP
+    refuses. They stay in the model, frozen at their zero start, because diffusers' loader expects an adapter in
+    every layer of a text encoder."""
+    for name, parameter in model.named_parameters():
+        if "lora_" in name and any(f"{layer}." in name for layer in unused_layers):
+            parameter.requires_grad_(False)
 
 
 def describe(model, args) -> str:

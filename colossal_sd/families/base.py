@@ -41,6 +41,10 @@ class Family:
         """What the text encoders make of a batch of token ids: {"encoder_hidden_states", maybe "text_embeds"}."""
         raise NotImplementedError
 
+    def unused_text_layers(self, text_encoders: dict) -> list:
+        """Module paths ("text_encoder.text_model.encoder.layers.N") whose output the conditioning never uses."""
+        return []
+
     def conditioning(self, text: dict, time_ids: Optional[torch.Tensor]) -> dict:
         """The UNet's keyword arguments besides the noisy latents and timesteps."""
         return {"encoder_hidden_states": text["encoder_hidden_states"]}

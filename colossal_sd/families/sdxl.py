@@ -47,6 +47,12 @@ class StableDiffusionXL(Family):
                         for k, v in text.items()}
         return text
 
+    def unused_text_layers(self, text_encoders: dict) -> list:
+        # The penultimate states are used: the first encoder's last layer feeds nothing (the second's feeds the
+        # pooled embedding).
+        last = text_encoders["text_encoder"].config.num_hidden_layers - 1
+        return [f"text_encoder.text_model.encoder.layers.{last}"]
+
     def conditioning(self, text: dict, time_ids) -> dict:
         time_ids = time_ids.to(text["text_embeds"].device, text["text_embeds"].dtype)
         return {"encoder_hidden_states": text["encoder_hidden_states"],
