@@ -17,7 +17,9 @@ A temp directory whose writer is gone (its pid, on this host) or that has not be
 
 A latent is cached as its VAE distribution (mean and log-variance), so every step still samples a fresh latent
 from it, as the uncached loop does. With --random_flip both flips are cached. Captions are cached per row
-(every caption of a caption list) plus the empty prompt, so caption dropout can swap in "" without the encoder.
+(every caption of a caption list, each in --caption_variants variants when captions are shuffled or their tags
+dropped: colossal_sd.captions) plus the empty prompt, so caption dropout can swap in "" without the encoder.
+An image that repeats (kohya's concept folders) is one row: encoded once, read by each of its samples.
 """
 
 import hashlib

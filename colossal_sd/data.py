@@ -52,6 +52,9 @@ def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None
                             f"use one of {', '.join(DATA_FILE_BUILDERS)}")
         return _train_split(_load(datasets.load_dataset, builder, data_files=str(path), cache_dir=cache_dir,
                                   streaming=streaming), dataset_name)
+    if path.is_dir() and _holds_only_images(path):  # an imagefolder, or images with caption files
+        return load_source(None, None, str(path), cache_dir, streaming, image_column, caption_column,
+                           caption_extension, say)
     if not path.exists() and (dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1):
         raise UserError(f"--dataset_name '{dataset_name}' does not exist")
     return _train_split(_load(datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir,
@@ -89,9 +92,17 @@ def load_folder(train_data_dir, cache_dir=None, streaming=False, image_column="i
         return ds
 
 
+def _holds_only_images(folder: Path) -> bool:
+    """Images and maybe metadata, but no data files of a dataset (parquet, json, csv, arrow) to load as one."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return (any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+            and not any(p.suffix.lower() in DATA_FILE_BUILDERS and p.stem != "metadata" for p in files))
+
+
 def with_concept_repeats(ds, image_column: str, root):
     """Each row's repeat count from the concept folder its image lies in, where the folder has such folders."""
-    if REPEATS in ds.column_names or root is None or not concept_folders.has_concept_folders(root):
+    if REPEATS in ds.column_names or root is None or not Path(root).is_dir() or not (
+            concept_folders.has_concept_folders(root)):
         return ds
     return ds.add_column(REPEATS, concept_folders.repeats_of(ds[image_column], root))
 
@@ -136,7 +147,8 @@ def keep_columns_undecoded(ds, image_column: str, caption_column: str):
                             f"{', '.join(ds.column_names)}")
     if ds.features is not None:
         check_column_kinds(ds.features, image_column, caption_column)
-    ds = ds.select_columns([image_column, caption_column] + [c for c in (REPEATS, SUBSET) if c in (ds.column_names or ())])
+    ours = [column for column in (REPEATS, SUBSET) if column in (ds.column_names or ())]
+    ds = ds.select_columns([image_column, caption_column, *ours])
     if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
@@ -386,7 +398,7 @@ def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda messag
                          caption_extension=args.caption_extension, say=say)
     root = args.train_data_dir or (args.dataset_name if Path(args.dataset_name or "").is_dir() else None)
     ds = select_columns(source, args.image_column, args.caption_column, args.max_train_samples, seed)
-    ds = with_concept_repeats(ds, args.image_column, args.train_data_dir)
+    ds = with_concept_repeats(ds, args.image_column, root)
     return make_dataset(args, ds, tokenizer, args.image_column, args.caption_column, resolution, seed, root,
                         [CaptionOptions.from_args(args)], args.train_data_dir or args.dataset_name, say)
 

@@ -133,7 +133,7 @@ def load(args, seed: int, say):
                                   caption_column=subset.caption_column, caption_extension=subset.caption_extension,
                                   say=say)
         ds = data.keep_columns_undecoded(source, subset.image_column, subset.caption_column)
-        ds = data.with_concept_repeats(ds, subset.image_column, subset.train_data_dir)
+        ds = data.with_concept_repeats(ds, subset.image_column, subset.name)
         parts.append(_common_columns(ds, subset, number))
         say(f"data: subset {number + 1} ({subset.name}): {len(ds)} images, repeated {subset.repeats}x"
             if subset.repeats > 1 else f"data: subset {number + 1} ({subset.name}): {len(ds)} images")

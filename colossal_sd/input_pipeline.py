@@ -73,7 +73,8 @@ def _bucket(args, parts, resolution, seed, info, dataset, say) -> buckets.Bucket
 def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.CachedDataset:
     what = {"latents": args.cache_latents, "text": args.cache_text_embeddings, "flip": args.random_flip,
             "resolution": dataset.resolution, "crop": "center",
-            "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None, **(dataset.caption_key() if args.cache_text_embeddings else {})}
+            "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None,
+            **(dataset.caption_key() if args.cache_text_embeddings else {})}
     if args.cache_latents and not args.center_crop:
         say("cache: latents are cached centre-cropped (a new random crop each step cannot be cached)")
     store_dtype = np.float32 if engine.compute_dtype == torch.float32 else np.float16

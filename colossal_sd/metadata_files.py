@@ -50,7 +50,8 @@ def read_folder(root, image_column: str, caption_column: str):
             images.append(str((file.parent / name).resolve()) if isinstance(name, str) and name else "")
             captions.append(caption_list(row.get(caption_column)))
     if not seen_column:
-        raise UserError(f"--caption_column '{caption_column}' is in no row of {', '.join(map(str, metadata_files(root)))}")
+        files = ", ".join(map(str, metadata_files(root)))
+        raise UserError(f"--caption_column '{caption_column}' is in no row of {files}")
     features = datasets.Features({image_column: datasets.Value("string"),
                                   caption_column: datasets.Sequence(datasets.Value("string"))})
     return datasets.Dataset.from_dict({image_column: images, caption_column: captions}, features=features)
