@@ -12,6 +12,11 @@ and caption options (kohya's idea, with this trainer's flag names).
     dataset_name = "laion_part.parquet"   # or a saved dataset, a json/csv file, a hub id
     caption_column = "prompt"
 
+A subset's keys: train_data_dir or dataset_name (with dataset_config_name), image_column, caption_column,
+caption_extension, repeats, and the caption options shuffle_caption, keep_tokens, caption_tag_dropout and
+caption_variants; a key at the top level is every subset's default, and a caption option set in neither place is
+the command line's. Relative paths are relative to the file's folder.
+
 Every subset becomes the same columns (IMAGE, CAPTION, colossal_sd.concept_folders.REPEATS and
 colossal_sd.data.SUBSET, the subset's number, by which a row finds its caption options), and the subsets are
 concatenated. A subset key the file does not know is a one-line error naming it. A new per-subset setting
@@ -72,9 +77,11 @@ KINDS = {"repeats": (int, 1), "keep_tokens": (int, 0), "caption_tag_dropout": ((
 
 def read_subsets(path) -> list:
     """The file's subsets, each checked: one line naming the file, the subset and the key at fault."""
-    config = read_config(path)
     if not str(path).lower().endswith(".toml"):
         raise UserError(f"--dataset_config {path}: use a .toml file")
+    if not Path(path).is_file():
+        raise UserError(f"--dataset_config {path} does not exist")
+    config = read_config(path)
     defaults = {key: value for key, value in config.items() if key != "subsets"}
     _check(defaults, f"{path}", top_level=True)
     tables = config.get("subsets")
@@ -88,11 +95,23 @@ def read_subsets(path) -> list:
         if len(given) != 1:
             raise UserError(f"{where}: give one of train_data_dir or dataset_name"
                             + (f", not both" if len(given) > 1 else ""))
-        subset = Subset(**{**defaults, **table})
+        subset = Subset(**{**defaults, **table, **_beside(path, table)})
         if subset.train_data_dir and not Path(subset.train_data_dir).expanduser().is_dir():
             raise UserError(f"{where}: train_data_dir '{subset.train_data_dir}' is not a directory")
         subsets.append(subset)
     return subsets
+
+
+def _beside(config, table: dict) -> dict:
+    """A relative path is relative to the file's folder, so that a config kept with its data works from anywhere;
+    a dataset_name that is no path there stays a name (a hub id)."""
+    paths = {}
+    for key in SOURCES:
+        if table.get(key) and not Path(table[key]).expanduser().is_absolute():
+            beside = Path(config).parent / table[key]
+            if key == "train_data_dir" or beside.exists():
+                paths[key] = str(beside)
+    return paths
 
 
 def _check(table: dict, where: str, top_level: bool = False):

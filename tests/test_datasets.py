@@ -128,6 +128,18 @@ def test_hostile_metadata_loads_and_a_broken_line_is_named(tmp_path):
     assert "hub" not in str(error.value)
 
 
+def test_dataset_config_defaults_and_paths_beside_the_file(tmp_path):
+    write_images(tmp_path / "data" / "photos", ["a.png"])
+    (tmp_path / "data" / "mix.toml").write_text('keep_tokens = 2\nshuffle_caption = true\n[[subsets]]\n'
+                                                'train_data_dir = "photos"\nkeep_tokens = 1\n'
+                                                '[[subsets]]\ndataset_name = "someone/on-the-hub"\n')
+    first, second = dataset_config.read_subsets(tmp_path / "data" / "mix.toml")
+    assert first.train_data_dir == str(tmp_path / "data" / "photos") and second.dataset_name == "someone/on-the-hub"
+    args = type("Args", (), {"caption_tag_dropout": 0.1, "keep_tokens": 0})()
+    assert first.caption_options(args) == CaptionOptions(True, 1, 0.1)
+    assert second.caption_options(args) == CaptionOptions(True, 2, 0.1)
+
+
 def test_dataset_config_refuses_unknown_keys_and_bad_values(tmp_path):
     folder = write_images(tmp_path / "data", ["a.png"])
     cases = {f'[[subsets]]\ntrain_data_dir = "{folder}"\nrepeat = 3\n':
