@@ -242,3 +242,19 @@ def test_dataset_config_mixes_two_subsets(tmp_path):
     bad = run_trainer("--dataset_config", tmp_path / "bad.toml", "--output_dir", tmp_path / "bad", check=False,
                       timeout=120)
     assert_one_line_error(bad, "unknown key 'caption_extention'; did you mean 'caption_extension'?")
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--caption_variants", "3", "--shuffle_caption"], "--caption_variants sets how many"),
+    (["--keep_tokens", "1"], "--keep_tokens keeps tags in place"),
+    (["--caption_tag_dropout", "1"], "--caption_tag_dropout must be in [0, 1)"),
+    (["--dataset_config", "mix.toml", "--train_data_dir", "."], "--dataset_config names the data: drop --train_data_dir"),
+    (["--dataset_config", "missing.toml"], "--dataset_config missing.toml does not exist"),
+])
+def test_caption_and_dataset_config_flags_are_checked(flags, expected, tmp_path, monkeypatch):
+    from parse_arguments import parse_args
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "photos", ["a.png"])
+    (tmp_path / "mix.toml").write_text('[[subsets]]\ntrain_data_dir = "photos"\n')
+    with pytest.raises(UserError, match=re.escape(expected)):
+        parse_args(flags)
