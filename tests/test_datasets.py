@@ -248,7 +248,8 @@ def test_dataset_config_mixes_two_subsets(tmp_path):
     (["--caption_variants", "3", "--shuffle_caption"], "--caption_variants sets how many"),
     (["--keep_tokens", "1"], "--keep_tokens keeps tags in place"),
     (["--caption_tag_dropout", "1"], "--caption_tag_dropout must be in [0, 1)"),
-    (["--dataset_config", "mix.toml", "--train_data_dir", "."], "--dataset_config names the data: drop --train_data_dir"),
+    (["--dataset_config", "mix.toml", "--train_data_dir", "."],
+     "--dataset_config names the data: drop --train_data_dir"),
     (["--dataset_config", "missing.toml"], "--dataset_config missing.toml does not exist"),
 ])
 def test_caption_and_dataset_config_flags_are_checked(flags, expected, tmp_path, monkeypatch):
