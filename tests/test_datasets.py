@@ -110,6 +110,11 @@ def test_repeats_are_an_index_map_with_their_own_augmentations(tmp_path, tokeniz
     assert len(set(ids)) > 1 and tuple(dataset[subject]["input_ids"].tolist()) == ids[-1]
     cached = dataset.cached_captions(int(dataset.rows[subject]))
     assert len(cached) == 4 and all(c.startswith("sks dog, ") for c in cached)
+    # the cached variants depend on the options and the seed: either changed, the text cache is another one
+    assert dataset.caption_key()["caption_seed"] == 3 and dataset.caption_key()["captions"][0]["keep_tokens"] == 1
+    dataset.caption_options = [CaptionOptions()]
+    assert dataset.caption_key() == {} and dataset.cached_captions(int(dataset.rows[subject])) == [
+        "sks dog, sitting, red collar, grass"]
 
 
 def test_hostile_metadata_loads_and_a_broken_line_is_named(tmp_path):
@@ -121,6 +126,7 @@ def test_hostile_metadata_loads_and_a_broken_line_is_named(tmp_path):
     ds = data.select_columns(data.load_source(train_data_dir=str(folder)), "image", "text")
     assert ds["text"] == [["a string"], ["one", "two"], [], [], [], ["no file name"], ["7"]]
     assert [Path(p).name for p in ds["image"]] == ["a.png", "b.png", "c.png", "d.png", "gone.png", "", "a.png"]
+    assert len(data.load_source(dataset_name=str(folder))) == 7  # the case: a local --dataset_name
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]) + "{oops\n")
     with pytest.raises(UserError) as error:
         data.load_source(train_data_dir=str(folder))
