@@ -76,8 +76,8 @@ def load_folder(train_data_dir, cache_dir=None, streaming=False, image_column="i
     if not metadata_files.metadata_files(root):
         ds, uncaptioned = caption_files.read_folder(root, image_column, caption_column, caption_extension)
         if uncaptioned:
-            say(f"data: {uncaptioned} of {len(ds)} images have no {caption_extension} caption file and no concept "
-                "folder name: they train with an empty caption")
+            say(f"data: {uncaptioned} of {len(ds)} images in {train_data_dir} have no {caption_extension} caption "
+                "file and no concept folder name: they train with an empty caption")
         return ds
     try:
         return _train_split(datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir,
