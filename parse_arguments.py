@@ -67,6 +67,7 @@ VALUE_RANGES = {
     "ema_decay": Range(0, 1, low_closed=False),
     "snr_gamma": POSITIVE, "noise_offset": AT_LEAST_0, "input_perturbation": AT_LEAST_0,
     "caption_dropout": FRACTION, "min_timestep": AT_LEAST_0, "max_timestep": AT_LEAST_1,
+    "keep_tokens": AT_LEAST_0, "caption_tag_dropout": FRACTION, "caption_variants": AT_LEAST_1,
     "num_validation_images": AT_LEAST_1, "validation_inference_steps": AT_LEAST_1,
     "validation_steps": AT_LEAST_1, "validation_epochs": AT_LEAST_1, "validation_split": FRACTION,
 }
@@ -112,12 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
                            f"Default (with no --train_data_dir): '{EMBEDDED_DATASET}'.")
     data.add_argument("--dataset_config_name", default=None, help="Config of the hub dataset.")
     data.add_argument("--train_data_dir", default=None,
-                      help="An imagefolder: images plus metadata.jsonl or metadata.csv with a caption column.")
+                      help="A folder of images: an imagefolder (metadata.jsonl or metadata.csv with a caption "
+                           "column), or images with a caption file beside each (cat.png + cat.txt), subfolders "
+                           "included. kohya's concept folders `<N>_<tokens>/` repeat each of their images N times "
+                           "an epoch, and <tokens> captions an image with no caption file.")
+    data.add_argument("--caption_extension", default=".txt",
+                      help="The caption files' extension in a --train_data_dir without a metadata file.")
+    data.add_argument("--dataset_config", default=None, metavar="FILE.toml",
+                      help="A TOML file of several datasets ([[subsets]]: a folder, an imagefolder or a dataset, "
+                           "each with its own repeats, caption column or extension and caption options) mixed "
+                           "into one run; instead of --dataset_name / --train_data_dir.")
     data.add_argument("--image_column", default="image", help="Column holding the images.")
     data.add_argument("--caption_column", default="text",
                       help="Column holding the captions (a list of captions picks one at random).")
     data.add_argument("--max_train_samples", type=int, default=None,
-                      help="Train on a random subset of this many samples.")
+                      help="Train on a random subset of this many images (their concept folders' repeats come "
+                           "on top).")
+    data.add_argument("--shuffle_caption", action="store_true",
+                      help="Shuffle a caption's comma-separated tags, anew each step.")
+    data.add_argument("--keep_tokens", type=int, default=0,
+                      help="With --shuffle_caption or --caption_tag_dropout: the first N tags stay in place and "
+                           "are never dropped.")
+    data.add_argument("--caption_tag_dropout", type=float, default=0.0,
+                      help="Drop each tag of a caption (after the first --keep_tokens) with this probability.")
+    data.add_argument("--caption_variants", type=int, default=None,
+                      help="With --cache_text_embeddings and caption shuffling or tag dropout: cache this many "
+                           "variants of each caption, drawn from the seed; each step picks one. Default: 4.")
     data.add_argument("--cache_dir", default=None, help="Where downloaded models and datasets are stored.")
     data.add_argument("--resolution", type=int, default=None,
                       help="Training resolution. Default: the model's native one (512 for SD 1.5).")
@@ -296,9 +317,11 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     """Cross-flag checks that need no model, data or device."""
     if args.dataset_name and args.train_data_dir:
         raise UserError("give either --dataset_name or --train_data_dir, not both")
-    if args.dataset_name is None and args.train_data_dir is None:
+    check_dataset_config(args)
+    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None:
         args.dataset_name = EMBEDDED_DATASET
     check_ranges(args)
+    check_caption_options(args)
     check_data_pipeline(args)
     if args.plugin == "torch_ddp_fp16" and args.mixed_precision not in (None, "fp16"):
         raise UserError(f"--plugin torch_ddp_fp16 trains in fp16; drop --mixed_precision {args.mixed_precision} "
@@ -329,10 +352,35 @@ def check_validation_prompts(args):
         read_prompt_file(args.validation_prompts_file)
 
 
+def check_dataset_config(args):
+    """A --dataset_config replaces the data flags; a broken file fails here, before anything loads."""
+    if args.caption_extension and not args.caption_extension.startswith("."):
+        args.caption_extension = "." + args.caption_extension
+    if args.dataset_config is None:
+        return
+    given = [f"--{flag}" for flag in ("dataset_name", "train_data_dir") if getattr(args, flag)]
+    if given:
+        raise UserError(f"--dataset_config names the data: drop {' and '.join(given)}")
+    from colossal_sd.dataset_config import read_subsets
+    read_subsets(args.dataset_config)
+
+
+def check_caption_options(args):
+    augments = args.shuffle_caption or args.caption_tag_dropout > 0 or args.dataset_config
+    if args.keep_tokens and not augments:
+        raise UserError("--keep_tokens keeps tags in place under --shuffle_caption or --caption_tag_dropout; "
+                        "add one of them or drop it")
+    if args.caption_variants is not None and not (args.cache_text_embeddings and augments):
+        raise UserError("--caption_variants sets how many caption variants --cache_text_embeddings caches under "
+                        "--shuffle_caption or --caption_tag_dropout; without those, every step draws a fresh "
+                        "variant: drop it")
+
+
 def check_data_pipeline(args):
     """Streaming reads each row once per pass with no index: nothing to cache or bucket ahead of time."""
     if args.streaming:
-        for flag in ("cache_latents", "cache_text_embeddings", "aspect_ratio_bucketing", "validation_split"):
+        for flag in ("cache_latents", "cache_text_embeddings", "aspect_ratio_bucketing", "validation_split",
+                     "dataset_config"):
             if getattr(args, flag):
                 raise UserError(f"--streaming cannot be combined with --{flag} (it needs the whole dataset "
                                 "indexed up front); drop one of them")

@@ -17,7 +17,9 @@ A temp directory whose writer is gone (its pid, on this host) or that has not be
 
 A latent is cached as its VAE distribution (mean and log-variance), so every step still samples a fresh latent
 from it, as the uncached loop does. With --random_flip both flips are cached. Captions are cached per row
-(every caption of a caption list) plus the empty prompt, so caption dropout can swap in "" without the encoder.
+(every caption of a caption list, each in --caption_variants variants when captions are shuffled or their tags
+dropped: colossal_sd.captions) plus the empty prompt, so caption dropout can swap in "" without the encoder.
+An image that repeats (kohya's concept folders) is one row: encoded once, read by each of its samples.
 """
 
 import hashlib
@@ -104,11 +106,6 @@ def _pixel_variants(dataset, index, size, flips: bool):
     raise RuntimeError(f"{dataset.MAX_SKIPS} images in a row from index {index} are unreadable")
 
 
-def _captions(value) -> list:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return [data.pick_caption(v, random.Random(0)) for v in values] or [""]
-
-
 @torch.no_grad()
 def _encode_latent_dists(parts, pixels: list, device) -> list:
     """VAE mean and log-variance (2C x h x w) per image; images of one shape are encoded together."""
@@ -166,7 +163,7 @@ def encode_shard(parts, dataset, indices, sizes, what: dict, device, store_dtype
     if what["text"]:
         unique, caption_ids, offsets = {"": 0}, [], [0]
         for index in indices:
-            for caption in _captions(dataset.ds[index][dataset.caption_column]):
+            for caption in dataset.cached_captions(index):
                 caption_ids.append(unique.setdefault(caption, len(unique)))
             offsets.append(len(caption_ids))
         for name, value in _encode_texts(parts, dataset.tokenize, list(unique), device).items():
@@ -303,7 +300,7 @@ def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say, stop_
     if info.is_main and (removed := remove_stale_temps(directory)):
         say(f"cache: removed {removed} stale temporary shard folder{'s' if removed > 1 else ''} "
             "left by interrupted runs")
-    shards = math.ceil(len(dataset) / SHARD_SIZE)
+    shards = math.ceil(len(dataset.ds) / SHARD_SIZE)  # rows: an image repeated N times is encoded once
     started = time.perf_counter()
     status = verify_shards(directory, shards, required_arrays(what), info)
     if status.count(0):
@@ -314,9 +311,9 @@ def build_cache(parts, dataset, sizes, what: dict, info, store_dtype, say, stop_
     encoded = _encode_in_rounds(parts, dataset, sizes, what, info, store_dtype, stop_request, directory, todo,
                                 status)
     if encoded:
-        say(f"cache: encoded {encoded} of {len(dataset)} samples into {directory}")
+        say(f"cache: encoded {encoded} of {len(dataset.ds)} samples into {directory}")
     else:
-        say(f"cache: all {len(dataset)} samples found in {directory}; re-encoded nothing")
+        say(f"cache: all {len(dataset.ds)} samples found in {directory}; re-encoded nothing")
     return directory
 
 
@@ -335,7 +332,7 @@ def _encode_in_rounds(parts, dataset, sizes, what, info, store_dtype, stop_reque
         if round_ >= len(mine):
             continue  # this rank is done: it still joins the others' agreements
         shard = mine[round_]
-        indices = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(dataset)))
+        indices = range(shard * SHARD_SIZE, min((shard + 1) * SHARD_SIZE, len(dataset.ds)))
         try:
             arrays = encode_shard(parts, dataset, indices, sizes, what, info.device, store_dtype,
                                   interrupted=lambda: stop_request.signal is not None)
@@ -379,8 +376,8 @@ class CachedDataset(torch.utils.data.Dataset):
         return self.shards[shard]
 
     def __getitem__(self, index):
-        arrays = self._shard(index // SHARD_SIZE)
-        row = index % SHARD_SIZE
+        shard, row = divmod(int(self.images.rows[index]), SHARD_SIZE)  # a repeated image's one cached row
+        arrays = self._shard(shard)
         rng = random.Random(f"{self.images.seed}-{self.images.epoch}-{index}-cached")
         sample = {} if self.what["latents"] and self.what["text"] else dict(self.images[index])
         if self.what["latents"]:

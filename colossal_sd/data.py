@@ -10,31 +10,35 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 
-from colossal_sd import embedded
+from colossal_sd import caption_files, captions, concept_folders, embedded, metadata_files
+from colossal_sd.captions import CaptionOptions
+from colossal_sd.concept_folders import IMAGE_SUFFIXES, REPEATS
 from colossal_sd.errors import UserError, first_line
 from colossal_sd.hub import load_failure
 
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SUBSET = "__subset__"  # the column of --dataset_config subset numbers: whose caption options a row takes
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
 
 
 # ---------------------------------------------------------------- sources
 
 
-def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None, streaming=False):
+def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None, cache_dir=None, streaming=False,
+                image_column="image", caption_column="text", caption_extension=caption_files.DEFAULT_EXTENSION,
+                say=lambda message: None):
     """The training split as a `datasets.Dataset` (an `IterableDataset` when streaming), from the hub, a local
-    path, or an imagefolder."""
+    path, or a folder (an imagefolder, or images with caption files)."""
     import datasets
 
     if train_data_dir is not None:
-        if not Path(train_data_dir).is_dir():
-            raise UserError(f"--train_data_dir '{train_data_dir}' is not a directory")
-        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in Path(train_data_dir).rglob("*")):
-            raise UserError(f"--train_data_dir '{train_data_dir}' holds no images "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return _train_split(_load(datasets.load_dataset, "imagefolder", data_dir=train_data_dir,
-                                  cache_dir=cache_dir, streaming=streaming), train_data_dir)
+        ds = load_folder(train_data_dir, cache_dir, streaming, image_column, caption_column, caption_extension, say)
+        if not streaming or not isinstance(ds, datasets.Dataset):
+            return ds
+        if REPEATS in ds.column_names or concept_folders.has_concept_folders(train_data_dir):
+            raise UserError(f"--streaming reads each image once a pass: it cannot repeat the concept folders of "
+                            f"'{train_data_dir}'; drop --streaming")
+        return ds.to_iterable_dataset()
     if embedded.is_embedded(dataset_name):
         return load_source(train_data_dir=embedded.resolve(dataset_name), cache_dir=cache_dir, streaming=streaming)
     path = Path(dataset_name)
@@ -48,10 +52,59 @@ def load_source(dataset_name=None, dataset_config_name=None, train_data_dir=None
                             f"use one of {', '.join(DATA_FILE_BUILDERS)}")
         return _train_split(_load(datasets.load_dataset, builder, data_files=str(path), cache_dir=cache_dir,
                                   streaming=streaming), dataset_name)
+    if path.is_dir() and _holds_only_images(path):  # an imagefolder, or images with caption files
+        return load_source(None, None, str(path), cache_dir, streaming, image_column, caption_column,
+                           caption_extension, say)
     if not path.exists() and (dataset_name.startswith((".", "/", "~")) or dataset_name.count("/") > 1):
         raise UserError(f"--dataset_name '{dataset_name}' does not exist")
     return _train_split(_load(datasets.load_dataset, dataset_name, dataset_config_name, cache_dir=cache_dir,
                               streaming=streaming), dataset_name)
+
+
+def load_folder(train_data_dir, cache_dir=None, streaming=False, image_column="image", caption_column="text",
+                caption_extension=caption_files.DEFAULT_EXTENSION, say=lambda message: None):
+    """A folder with a metadata file is an imagefolder (read by `datasets`, or line by line where `datasets`
+    refuses the metadata); one without is images with caption files beside them. Either may hold kohya's
+    concept folders (colossal_sd.concept_folders)."""
+    import datasets
+
+    root = Path(train_data_dir)
+    if not root.is_dir():
+        raise UserError(f"--train_data_dir '{train_data_dir}' is not a directory")
+    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+        raise UserError(f"--train_data_dir '{train_data_dir}' holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not metadata_files.metadata_files(root):
+        ds, uncaptioned = caption_files.read_folder(root, image_column, caption_column, caption_extension)
+        if uncaptioned:
+            say(f"data: {uncaptioned} of {len(ds)} images in {train_data_dir} have no {caption_extension} caption "
+                "file and no concept folder name: they train with an empty caption")
+        return ds
+    try:
+        return _train_split(datasets.load_dataset("imagefolder", data_dir=str(root), cache_dir=cache_dir,
+                                                  streaming=streaming), train_data_dir)
+    except Exception as refused:  # e.g. a caption column of strings in some rows and lists in others
+        try:
+            ds = metadata_files.read_folder(root, image_column, caption_column)
+        except UserError as e:
+            raise UserError(f"cannot load dataset '{train_data_dir}': {e}") from None
+        say(f"data: read the metadata of {train_data_dir} line by line ({len(ds)} rows): `datasets` refused it "
+            f"({first_line(refused)})")
+        return ds
+
+
+def _holds_only_images(folder: Path) -> bool:
+    """Images and maybe metadata, but no data files of a dataset (parquet, json, csv, arrow) to load as one."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return (any(p.suffix.lower() in IMAGE_SUFFIXES for p in files)
+            and not any(p.suffix.lower() in DATA_FILE_BUILDERS and p.stem != "metadata" for p in files))
+
+
+def with_concept_repeats(ds, image_column: str, root):
+    """Each row's repeat count from the concept folder its image lies in, where the folder has such folders."""
+    if REPEATS in ds.column_names or root is None or not Path(root).is_dir() or not (
+            concept_folders.has_concept_folders(root)):
+        return ds
+    return ds.add_column(REPEATS, concept_folders.repeats_of(ds[image_column], root))
 
 
 def _load(loader, *args, **kwargs):
@@ -94,7 +147,8 @@ def keep_columns_undecoded(ds, image_column: str, caption_column: str):
                             f"{', '.join(ds.column_names)}")
     if ds.features is not None:
         check_column_kinds(ds.features, image_column, caption_column)
-    ds = ds.select_columns([image_column, caption_column])
+    ours = [column for column in (REPEATS, SUBSET) if column in (ds.column_names or ())]
+    ds = ds.select_columns([image_column, caption_column, *ours])
     if ds.features is not None and isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
@@ -220,6 +274,22 @@ def pick_caption(value, rng: random.Random) -> str:
     return str(value)
 
 
+def every_caption(value) -> list:
+    """Each caption a cell may pick (one for a string, each of a list), "" for none."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return [pick_caption(v, random.Random(0)) for v in values] or [""]
+
+
+def sample_rows(ds):
+    """The row of each sample: a row repeated its repeat count (concept folders), every row once otherwise.
+    An index map: an image repeated N times is still decoded, bucketed and cached as one row."""
+    if ds is None:
+        return None
+    if REPEATS in ds.column_names:
+        return np.repeat(np.arange(len(ds)), np.asarray(ds[REPEATS], dtype=np.int64))
+    return np.arange(len(ds))
+
+
 # ---------------------------------------------------------------- the dataset
 
 
@@ -230,33 +300,46 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     collective that another rank skipped. Each sample reports whether its own image was unreadable, so one
     epoch's count equals the number of unreadable images.
 
-    Randomness (crop, flip, caption choice) is drawn from (seed, epoch, index) alone, so it is the same
-    whichever worker or rank decodes the sample, and a resumed run sees the same augmentations.
+    Randomness (crop, flip, caption choice, caption augmentation) is drawn from (seed, epoch, index) alone, so
+    it is the same whichever worker or rank decodes the sample, and a resumed run sees the same augmentations.
+
+    Samples are not rows: `rows` maps each sample to its row, a row repeated its concept folder's count, so
+    the repeats of one image get their own crops and captions but share its decoding, bucket and cache entry.
     """
 
     MAX_SKIPS = 100
 
     def __init__(self, ds, tokenizer, image_column, caption_column, resolution, center_crop=False,
-                 random_flip=False, seed=0, root=None):
+                 random_flip=False, seed=0, root=None, caption_options=(CaptionOptions(),)):
         self.ds, self.tokenizer = ds, tokenizer
         self.image_column, self.caption_column = image_column, caption_column
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.root, self.epoch = seed, root, 0
-        self.sizes = None  # aspect-ratio bucketing: a (height, width) per index instead of `resolution`
+        self.caption_options = list(caption_options)  # one per --dataset_config subset (the SUBSET column)
+        self.sizes = None  # aspect-ratio bucketing: a (height, width) per row instead of `resolution`
+
+    @property
+    def ds(self):
+        return self._ds
+
+    @ds.setter
+    def ds(self, ds):
+        # the rows are set anew by a validation split: so are the samples
+        self._ds, self.rows = ds, sample_rows(ds)
 
     def set_epoch(self, epoch: int):
         # Worker processes get a fresh copy of the dataset each epoch (no persistent workers), so this reaches them.
         self.epoch = epoch
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.rows)
 
     def __getitem__(self, index):
+        row = int(self.rows[index])
         for skipped in range(self.MAX_SKIPS):
-            i = (index + skipped) % len(self.ds)
-            rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
-            size = self.resolution if self.sizes is None else self.sizes[index]
-            sample = self.decode(self.ds[i], rng, size)
+            rng = random.Random(f"{self.seed}-{self.epoch}-{index + skipped}")
+            size = self.resolution if self.sizes is None else self.sizes[row]
+            sample = self.decode(self.ds[(row + skipped) % len(self.ds)], rng, size)
             if sample is not None:
                 return {**sample, "skipped": int(skipped > 0)}
         raise RuntimeError(f"{self.MAX_SKIPS} images in a row from index {index} are unreadable")
@@ -268,8 +351,22 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         except Exception:
             return None
         pixels, time_ids = transform(image, size, self.center_crop, self.random_flip, rng)
-        return {"pixel_values": pixels, "input_ids": self.tokenize(pick_caption(row[self.caption_column], rng)),
-                "time_ids": time_ids}
+        caption = captions.augment(pick_caption(row[self.caption_column], rng), self.options_of(row), rng)
+        return {"pixel_values": pixels, "input_ids": self.tokenize(caption), "time_ids": time_ids}
+
+    def options_of(self, row) -> CaptionOptions:
+        return self.caption_options[row.get(SUBSET, 0)]
+
+    def cached_captions(self, row: int) -> list:
+        """What the text cache holds for a row: each of its captions, in each of its cached variants."""
+        value = self.ds[row]
+        return [variant for caption in every_caption(value[self.caption_column])
+                for variant in captions.variants(caption, self.options_of(value), self.seed, row)]
+
+    def caption_key(self) -> dict:
+        """What changes the cached captions beyond the data: the augmentation and the seed it is drawn from."""
+        keys = [options.key() for options in self.caption_options]
+        return {"captions": keys, "caption_seed": self.seed} if any(keys) else {}
 
     def tokenize(self, caption: str) -> torch.Tensor:
         return tokenize(self.tokenizer, caption)
@@ -310,10 +407,23 @@ def _cell_name(cell, index: int) -> str:
     return Path(path).name if path else f"row {index}"
 
 
-def build_dataset(args, tokenizer, resolution: int, seed: int) -> ImageCaptionDataset:
-    source = load_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir)
+def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda message: None) -> ImageCaptionDataset:
+    """The training set. --max_train_samples counts images (rows): their repeats come on top."""
+    source = load_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
+                         image_column=args.image_column, caption_column=args.caption_column,
+                         caption_extension=args.caption_extension, say=say)
     root = args.train_data_dir or (args.dataset_name if Path(args.dataset_name or "").is_dir() else None)
     ds = select_columns(source, args.image_column, args.caption_column, args.max_train_samples, seed)
-    check_some_image_readable(ds, args.image_column, root, args.train_data_dir or args.dataset_name)
-    return ImageCaptionDataset(ds, tokenizer, args.image_column, args.caption_column, resolution,
-                               args.center_crop, args.random_flip, seed, root)
+    ds = with_concept_repeats(ds, args.image_column, root)
+    return make_dataset(args, ds, tokenizer, args.image_column, args.caption_column, resolution, seed, root,
+                        [CaptionOptions.from_args(args)], args.train_data_dir or args.dataset_name, say)
+
+
+def make_dataset(args, ds, tokenizer, image_column, caption_column, resolution, seed, root, caption_options,
+                 where: str, say) -> ImageCaptionDataset:
+    check_some_image_readable(ds, image_column, root, where)
+    dataset = ImageCaptionDataset(ds, tokenizer, image_column, caption_column, resolution, args.center_crop,
+                                  args.random_flip, seed, root, caption_options)
+    if len(dataset) != len(ds):
+        say(f"data: {len(ds)} images, {len(dataset)} samples an epoch with their repeats")
+    return dataset

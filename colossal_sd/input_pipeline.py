@@ -3,6 +3,7 @@
     --streaming               rows streamed, decoded in workers          (colossal_sd.streaming)
     --aspect_ratio_bucketing  same-bucket batches, sharded across ranks  (colossal_sd.buckets)
     --cache_latents / --cache_text_embeddings  encode once, ever          (colossal_sd.caching)
+    --dataset_config          several subsets mixed into one set         (colossal_sd.dataset_config)
 """
 
 import gc
@@ -11,12 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from colossal_sd import buckets, caching, data, models, streaming, validation
+from colossal_sd import buckets, caching, data, dataset_config, models, streaming, validation
 
 
 def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
-    """(dataset, held-out set or None, dataloader, encode); encode(batch, device, generator) -> (latents, text
-    embeddings) as models.BatchEncoder. A signal while caching stops the run (errors.CleanStop) with the finished shards kept."""
+    """(dataset, held-out set or None, dataloader, encode); encode(batch, device, generator) -> (latents,
+    conditioning), a models.BatchEncoder. A signal while caching stops the run (errors.CleanStop) with the
+    finished shards kept."""
     say = (lambda message: print(message, flush=True)) if info.is_main else (lambda message: None)
     encode = models.BatchEncoder(parts, engine.compute_dtype, args.train_text_encoder_lora)
     pin = info.device.type == "cuda"
@@ -24,7 +26,8 @@ def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
         dataset = streaming.build_stream(args, parts.caption_tokenizer, resolution, seed, info)
         return dataset, None, DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=data.collate,
                                          num_workers=args.dataloader_num_workers, pin_memory=pin), encode
-    dataset = data.build_dataset(args, parts.caption_tokenizer, resolution, seed)
+    build_dataset = dataset_config.build_dataset if getattr(args, "dataset_config", None) else data.build_dataset
+    dataset = build_dataset(args, parts.caption_tokenizer, resolution, seed, say)
     dataset, held_out = validation.split_off_validation(dataset, args.validation_split, seed)
     batch_sampler = None
     if args.aspect_ratio_bucketing:
@@ -61,17 +64,19 @@ def skip_batches(dataloader, batches: int, batch_size: int, log):
 def _bucket(args, parts, resolution, seed, info, dataset, say) -> buckets.BucketBatchSampler:
     step = buckets.check_step(args.bucket_step or parts.resolution_multiple, parts.resolution_multiple, resolution)
     table = buckets.make_buckets(resolution, step, args.max_aspect_ratio)
-    assigned = buckets.assign_buckets(dataset.ds, args.image_column, dataset.root, table)
+    assigned = buckets.assign_buckets(dataset.ds, dataset.image_column, dataset.root, table)  # one per row
     say("buckets (width x height: images): " + buckets.histogram(assigned, table))
     dataset.sizes = [table[b] for b in assigned]
-    return buckets.BucketBatchSampler(assigned, args.train_batch_size, info.world_size, info.rank, seed)
+    per_sample = [assigned[row] for row in dataset.rows]  # an image's repeats share its bucket
+    return buckets.BucketBatchSampler(per_sample, args.train_batch_size, info.world_size, info.rank, seed)
 
 
 def _cache(args, parts, dataset, info, engine, say, stop_request) -> caching.CachedDataset:
     what = {"latents": args.cache_latents, "text": args.cache_text_embeddings, "flip": args.random_flip,
             "text_outputs": list(parts.family.text_outputs),
             "resolution": dataset.resolution, "crop": "center",
-            "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None}
+            "buckets": sorted(set(dataset.sizes)) if dataset.sizes else None,
+            **(dataset.caption_key() if args.cache_text_embeddings else {})}
     if args.cache_latents and not args.center_crop:
         say("cache: latents are cached centre-cropped (a new random crop each step cannot be cached)")
     store_dtype = np.float32 if engine.compute_dtype == torch.float32 else np.float16

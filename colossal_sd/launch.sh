@@ -82,7 +82,8 @@ launch_trainer() {
     setting --validation_steps "${VALIDATION_STEPS:-}" 50 "$@"
     # a stream has no index to hold images out of
     on --streaming "$@" || setting --validation_split "${VALIDATION_SPLIT:-}" 0.02 "$@"
-    if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! given --dataset_name "$@" && ! given --train_data_dir "$@"; then
+    if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! given --dataset_name "$@" && ! given --train_data_dir "$@" \
+            && ! given --dataset_config "$@"; then
         setting --num_validation_images "" 2 "$@"
         setting --validation_inference_steps "" 10 "$@"
         given --validation_prompts "$@" || flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}")

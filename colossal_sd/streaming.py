@@ -53,7 +53,8 @@ def build_stream(args, tokenizer, resolution: int, seed: int, info) -> Streaming
     from datasets.distributed import split_dataset_by_node
 
     stream = data.load_source(args.dataset_name, args.dataset_config_name, args.train_data_dir, args.cache_dir,
-                              streaming=True)
+                              streaming=True, image_column=args.image_column, caption_column=args.caption_column,
+                              caption_extension=args.caption_extension)
     stream = data.keep_columns_undecoded(stream, args.image_column, args.caption_column)
     if args.max_train_samples is not None:
         stream = stream.take(args.max_train_samples)
@@ -61,6 +62,7 @@ def build_stream(args, tokenizer, resolution: int, seed: int, info) -> Streaming
                                    info.world_size)
     root = args.train_data_dir
     decoder = data.ImageCaptionDataset(None, tokenizer, args.image_column, args.caption_column, resolution,
-                                       args.center_crop, args.random_flip, seed, root)
+                                       args.center_crop, args.random_flip, seed, root,
+                                       [data.CaptionOptions.from_args(args)])
     length = args.max_train_steps * args.gradient_accumulation_steps * args.train_batch_size
     return StreamingImageCaptions(stream, decoder, length, seed, info.rank)

@@ -40,3 +40,30 @@ def test_local_pipeline_and_awkward_imagefolder_with_two_processes(tmp_path, tin
     assert "samples=10" in log
     assert "skipped 2 unreadable images" in log
     assert sample(load_pipeline(out)).shape == (1, 32, 32, 3)
+
+
+def test_hostile_imagefolder_trains_and_counts_every_unreadable_row(tmp_path):
+    """metadata.jsonl as people write it: captions that are strings, lists, empty, null or absent, which
+    `datasets`' JSON reader refuses; rows whose image is missing, empty, corrupt or not named at all."""
+    import json
+
+    good, bad = awkward_images()
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, image in {**good, **bad}.items():
+        (data / name).write_bytes(image) if isinstance(image, bytes) else image.save(data / name)
+    captions = ["a string", ["a list", "of captions"], "", None, [], "x", ["y"], "z"]
+    rows = [{"file_name": name, "text": caption} for name, caption in zip(good, captions)]
+    rows[5].pop("text")
+    rows += [{"file_name": "zero.png", "text": "empty"}, {"file_name": "corrupt.png", "text": ["corrupt"]},
+             {"file_name": "missing.png", "text": "gone"}, {"text": "no file_name"}]
+    (data / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    proc = run_trainer("--train_data_dir", data, "--output_dir", out, "--resolution", "32", "--train_batch_size", "2",
+                       "--num_train_epochs", "1", "--seed", "3", "--report_to", "none")
+    log = proc.stdout + proc.stderr
+    assert "read the metadata of" in log and "line by line (12 rows)" in log
+    assert "samples=12 " in log
+    assert "skipped 4 unreadable images" in log
+    assert "the hub" not in log
+    assert sample(load_pipeline(out)).shape == (1, 32, 32, 3)
