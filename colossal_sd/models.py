@@ -55,15 +55,17 @@ def load_parts(args) -> StableDiffusionParts:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     if single_file.is_single_file(args.pretrained_model_name_or_path):
-        checkpoint, source = single_file.open_base_model(args)
+        base = single_file.open_base_model(args)
+        source, prediction_type = base.source, base.prediction_type
     else:
-        checkpoint, source = None, resolve_model_source(args.pretrained_model_name_or_path)
+        base, source = None, resolve_model_source(args.pretrained_model_name_or_path)
+        prediction_type = args.prediction_type
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
-        if checkpoint is not None:
-            text_encoder, vae, unet = single_file.build_models(checkpoint, source, args.pretrained_model_name_or_path,
-                                                               common)
+        if base is not None:
+            models = single_file.build_models(base, common)
+            text_encoder, vae, unet = models["text_encoder"], models["vae"], models["unet"]
         else:
             text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=args.variant,
                                                          **common)
@@ -73,10 +75,10 @@ def load_parts(args) -> StableDiffusionParts:
     except (OSError, ValueError, SafetensorError) as e:  # a local source's message names the broken file
         raise UserError(load_failure("model", args.pretrained_model_name_or_path, e,
                                      "local diffusers pipeline directory", source)) from None
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
     return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler,
-                                single_file=args.pretrained_model_name_or_path if checkpoint is not None else None)
+                                single_file=args.pretrained_model_name_or_path if base is not None else None)
 
 
 def check_resolution(parts: StableDiffusionParts, resolution):

@@ -43,6 +43,6 @@ def save_pipeline(output_dir, parts, unet_state_dict, args):
     pipeline = StableDiffusionPipeline.from_pretrained(
         parts.source, unet=unet, **frozen, tokenizer=parts.tokenizer, revision=args.revision,
         variant=args.variant, cache_dir=args.cache_dir, **(no_checker if parts.single_file else {}))
-    if args.prediction_type is not None:
-        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    # what the run trained: --prediction_type, or a single file's metadata
+    pipeline.scheduler.register_to_config(prediction_type=parts.noise_scheduler.config.prediction_type)
     atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))

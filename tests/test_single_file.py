@@ -138,17 +138,19 @@ def test_layout_for_sd1_block_structure_is_the_one_diffusers_reads():
     unet = UNet2DConditionModel(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=8)
     vae = AutoencoderKL(block_out_channels=(32, 32, 64, 64), layers_per_block=2,
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
-    ldm = single_file.to_ldm({"unet": unet.state_dict(), "vae": vae.state_dict(), "text_encoder": {}},
-                             unet.config, vae.config)
+    layout = single_file.LAYOUTS["sd1"]
+    models = {"unet": unet, "vae": vae}
+    configs = {name: dict(model.config) for name, model in models.items()}
+    layout = single_file.Layout("toy", "", layout.parts[:2], layout.architectures)
+    ldm = layout.to_original({name: model.state_dict() for name, model in models.items()}, configs)
     for model, converted in ((unet, convert_ldm_unet_checkpoint(ldm, dict(unet.config))),
                              (vae, convert_ldm_vae_checkpoint(ldm, dict(vae.config)))):
         original = model.state_dict()
         assert converted.keys() == original.keys()
         assert all(torch.equal(converted[k].reshape(original[k].shape), original[k]) for k in original)
-    for model, (name, prefix, modules) in zip((unet, vae), single_file._components(unet.config, vae.config)):
-        copy = type(model).from_config(model.config)
-        single_file.from_ldm(copy, ldm, prefix, modules, name, "toy")
-        assert all(torch.equal(copy.state_dict()[k], v) for k, v in model.state_dict().items())
+    back = layout.from_original(ldm, {name: model.state_dict() for name, model in models.items()}, configs)
+    for name, model in models.items():
+        assert all(torch.equal(back[name][k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("args, expected", [
