@@ -282,3 +282,43 @@ def test_our_reader_recognises_the_generation_and_gives_back_every_tensor(genera
         expected = getattr(saved, name).state_dict()
         assert model.state_dict().keys() == expected.keys(), name
         assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items()), name
+
+
+def without_metadata(path: Path, target: Path) -> Path:
+    from safetensors.torch import save_file
+    save_file(load_file(path), target)
+    return target
+
+
+def test_training_from_an_sd2_file_matches_its_folder_and_its_metadata_decides_v(exported, tmp_path):
+    """The config pipeline here says epsilon; the file's metadata says v, and v is what both runs train."""
+    from diffusers import DDIMScheduler
+
+    folder, path = exported["sd2"]
+    config = configs_only(folder, tmp_path / "configs")
+    DDIMScheduler.from_pretrained(config, subfolder="scheduler", prediction_type="epsilon").save_pretrained(
+        config / "scheduler")
+    args = [*FAST, "--resolution", "64"]
+    run_trainer(*args, "--pretrained_model_name_or_path", folder, "--output_dir", tmp_path / "folder")
+    run_trainer(*args, "--pretrained_model_name_or_path", path, "--single_file_config", config,
+                "--save_single_file", "--output_dir", tmp_path / "file")
+    expected, got = unet_weights(tmp_path / "folder"), unet_weights(tmp_path / "file")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    saved = json.loads((tmp_path / "file" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["prediction_type"] == "v_prediction"
+    written = single_file.read_metadata(single_file.single_file_path(tmp_path / "file"))
+    assert written["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+
+
+def test_an_sd2_file_that_does_not_say_what_it_predicts_asks_for_the_flag(exported, tmp_path):
+    bare = without_metadata(exported["sd2"][1], tmp_path / "bare.safetensors")
+    proc = run_trainer(*FAST, "--pretrained_model_name_or_path", bare, "--output_dir", tmp_path / "out",
+                       check=False, timeout=180)
+    assert_one_line_error(proc, "pass --prediction_type v_prediction")
+
+
+def test_a_file_and_a_config_of_different_generations_are_refused(exported, tmp_path, tiny_sd):
+    proc = run_trainer(*FAST, "--pretrained_model_name_or_path", exported["sdxl"][1], "--single_file_config",
+                       tiny_sd, "--output_dir", tmp_path / "out", check=False, timeout=180)
+    assert_one_line_error(proc, "is an SDXL single file, but --single_file_config")
