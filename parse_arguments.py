@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--variant", default=None, help="Weight variant of the pretrained model, e.g. 'fp16'.")
     model.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
                        help="Override the scheduler's prediction type (also written to the saved scheduler).")
+    model.add_argument("--rescale_betas_zero_snr", action="store_true",
+                       help="Zero terminal SNR (kohya's --zero_terminal_snr): rescale the betas so the last timestep "
+                            "is pure noise, and sample from it (trailing timestep spacing). Needs v-prediction.")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", default=None,

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from colossal_sd import embedded, single_file
+from colossal_sd import embedded, noise_schedule, single_file
 from colossal_sd.errors import UserError
 from colossal_sd.hub import load_failure
 
@@ -75,8 +75,8 @@ def load_parts(args) -> StableDiffusionParts:
     except (OSError, ValueError, SafetensorError) as e:  # a local source's message names the broken file
         raise UserError(load_failure("model", args.pretrained_model_name_or_path, e,
                                      "local diffusers pipeline directory", source)) from None
-    if prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    noise_scheduler = noise_schedule.training_scheduler(noise_scheduler, prediction_type,
+                                                        getattr(args, "rescale_betas_zero_snr", False))
     return StableDiffusionParts(source, tokenizer, text_encoder, vae, unet, noise_scheduler,
                                 single_file=args.pretrained_model_name_or_path if base is not None else None)
 

@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from colossal_sd import noise_schedule
+
 PIPELINE_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler",
                   "safety_checker", "feature_extractor")
 
@@ -43,6 +45,7 @@ def save_pipeline(output_dir, parts, unet_state_dict, args):
     pipeline = StableDiffusionPipeline.from_pretrained(
         parts.source, unet=unet, **frozen, tokenizer=parts.tokenizer, revision=args.revision,
         variant=args.variant, cache_dir=args.cache_dir, **(no_checker if parts.single_file else {}))
-    # what the run trained: --prediction_type, or a single file's metadata
-    pipeline.scheduler.register_to_config(prediction_type=parts.noise_scheduler.config.prediction_type)
+    # what the run trained: --prediction_type or a single file's metadata, --rescale_betas_zero_snr
+    pipeline.scheduler = noise_schedule.sampler(pipeline.scheduler, parts.noise_scheduler.config.prediction_type,
+                                                getattr(args, "rescale_betas_zero_snr", False))
     atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))
