@@ -375,7 +375,7 @@ def _guess(layout: Layout) -> str:
     return DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
 
 
-def config_source(args, checkpoint: dict) -> str:
+def config_source(args, layout: Layout) -> str:
     """The diffusers pipeline whose configs, tokenizer and scheduler go with the single file.
 
     --single_file_config when given; otherwise the pipeline diffusers associates with the file's generation
@@ -383,7 +383,6 @@ def config_source(args, checkpoint: dict) -> str:
     """
     from colossal_sd.models import resolve_model_source
 
-    layout = LAYOUTS[detect_family(checkpoint)]
     if args.single_file_config:
         source = resolve_model_source(args.single_file_config)
         _check_same_generation(args, layout, source)
@@ -427,4 +426,4 @@ def open_base_model(args) -> BaseSingleFile:
     checkpoint = read_checkpoint(path, args.allow_unsafe_pickle)
     layout = LAYOUTS[detect_family(checkpoint)]
     prediction_type = base_prediction_type(args, read_metadata(path), layout)
-    return BaseSingleFile(path, checkpoint, layout, config_source(args, checkpoint), prediction_type)
+    return BaseSingleFile(path, checkpoint, layout, config_source(args, layout), prediction_type)

@@ -121,12 +121,14 @@ def test_a_plain_ckpt_loads_with_weights_only(tmp_path):
     assert torch.equal(loaded["model.diffusion_model.out.2.bias"], torch.arange(4.0))
 
 
-def test_without_a_config_the_guess_comes_from_the_local_cache_only(tmp_path):
+@pytest.mark.parametrize("generation, guess", [
+    ("sd1", "stable-diffusion-v1-5"), ("sd2", "stable-diffusion-2-1"), ("sdxl", "stable-diffusion-xl-base-1.0")])
+def test_without_a_config_the_guess_comes_from_the_local_cache_only(generation, guess, tmp_path):
     from argparse import Namespace
 
     args = Namespace(single_file_config=None, cache_dir=str(tmp_path), pretrained_model_name_or_path="sd.safetensors")
-    with pytest.raises(UserError, match="pass --single_file_config .*stable-diffusion-v1-5"):
-        single_file.config_source(args, {})
+    with pytest.raises(UserError, match=f"pass --single_file_config .*{guess}"):
+        single_file.config_source(args, single_file.LAYOUTS[generation])
 
 
 def test_layout_for_sd1_block_structure_is_the_one_diffusers_reads():
