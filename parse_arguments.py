@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--single_file_config", default=None,
                        help="With a single-file base model (.safetensors/.ckpt): the diffusers pipeline directory "
                             "or hub id whose configs, tokenizer and scheduler go with it. Default: the one "
-                            "diffusers associates with the file (SD 1.5 for SD 1.x), from the local cache.")
+                            "diffusers associates with the file's generation (SD 1.5, SD 2.1 or SDXL base), "
+                            "from the local cache.")
     model.add_argument("--allow_unsafe_pickle", action="store_true",
                        help="Load a .ckpt base model even if it holds more than tensors (unpickling it can run "
                             "code: only for files you trust).")
@@ -103,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--revision", default=None, help="Hub revision of the pretrained model.")
     model.add_argument("--variant", default=None, help="Weight variant of the pretrained model, e.g. 'fp16'.")
     model.add_argument("--prediction_type", default=None, choices=("epsilon", "v_prediction"),
-                       help="Override the scheduler's prediction type (also written to the saved scheduler).")
+                       help="What the run trains (also written to the saved scheduler and single file). "
+                            "Default: a single-file base model's metadata, else the scheduler's.")
+    model.add_argument("--rescale_betas_zero_snr", action="store_true",
+                       help="Zero terminal SNR (kohya's --zero_terminal_snr): rescale the betas so the last timestep "
+                            "is pure noise, and sample from it (trailing timestep spacing). Needs v-prediction.")
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset_name", default=None,

@@ -6,7 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
-from colossal_sd import embedded, families, single_file
+from colossal_sd import embedded, families, noise_schedule, single_file
 from colossal_sd.data import tokenize
 from colossal_sd.families import Family
 from colossal_sd.errors import UserError
@@ -89,18 +89,21 @@ def load_parts(args) -> StableDiffusionParts:
     from safetensors import SafetensorError
 
     if single_file.is_single_file(args.pretrained_model_name_or_path):
-        checkpoint, source = single_file.open_base_model(args)
+        base = single_file.open_base_model(args)
+        source, prediction_type = base.source, base.prediction_type
     else:
-        checkpoint, source = None, resolve_model_source(args.pretrained_model_name_or_path)
+        base, source = None, resolve_model_source(args.pretrained_model_name_or_path)
+        prediction_type = args.prediction_type
     common = dict(revision=args.revision, cache_dir=args.cache_dir)
     vae_source = getattr(args, "pretrained_vae_model_name_or_path", None)
     try:
-        family = families.of_folder(source)
+        family = (families.of_folder(source) if base is None else
+                  families.for_pipeline_class(base.layout.pipeline_class, _index(source)))
         tokenizers = load_tokenizers(family, source, common)
-        if checkpoint is not None:
-            text_encoder, vae, unet = single_file.build_models(checkpoint, source, args.pretrained_model_name_or_path,
-                                                               common)
-            text_encoders = {"text_encoder": text_encoder}
+        if base is not None:
+            models = single_file.build_models(base, common)
+            text_encoders = {name: models[name] for _, name in family.text_components}
+            vae, unet = models["vae"], models["unet"]
         else:
             text_encoders = load_text_encoders(family, source, dict(common, variant=args.variant))
             vae = None if vae_source else load_vae(source, "vae", dict(common, variant=args.variant))
@@ -111,11 +114,20 @@ def load_parts(args) -> StableDiffusionParts:
                                      "local diffusers pipeline directory", source)) from None
     if vae_source:
         vae = load_vae_override(vae_source, common)
-    if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    noise_scheduler = noise_schedule.training_scheduler(noise_scheduler, prediction_type,
+                                                        getattr(args, "rescale_betas_zero_snr", False))
     return StableDiffusionParts(source, family, tokenizers, text_encoders, vae, unet, noise_scheduler,
-                                single_file=args.pretrained_model_name_or_path if checkpoint is not None else None,
+                                single_file=args.pretrained_model_name_or_path if base is not None else None,
                                 vae_source=vae_source)
+
+
+def _index(source: str) -> dict:
+    """A single file's config pipeline's model_index.json (its settings, e.g. force_zeros_for_empty_prompt)."""
+    from diffusers import DiffusionPipeline
+    try:
+        return dict(DiffusionPipeline.load_config(source))
+    except (OSError, ValueError):
+        return {}
 
 
 def load_tokenizers(family: Family, source: str, common: dict) -> dict:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
-from colossal_sd import embedded, single_file
+from colossal_sd import embedded, noise_schedule, single_file
 from colossal_sd.errors import UserError, first_line
 from colossal_sd.hub import load_failure
 
@@ -88,6 +88,8 @@ def _from_single_file(path: str, config, allow_unsafe_pickle: bool):
     parts = load_parts(args)
     pipeline = parts.family.pipeline().from_pretrained(parts.source, **parts.components(),
                                                        **parts.family.pipeline_kwargs())
+    # what the file's metadata says it predicts, over its config's scheduler
+    pipeline.scheduler = noise_schedule.sampler(pipeline.scheduler, parts.noise_scheduler.config.prediction_type)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -110,8 +112,9 @@ def _from_checkpoint(folder: Path):
     else:
         raise UserError(f"checkpoint '{folder}' has neither unet/ nor {WEIGHT_NAME}: it is not a complete "
                         "training checkpoint")
-    if run.get("prediction_type"):  # the trainer writes it into the scheduler it saves; a checkpoint has none
-        pipeline.scheduler.register_to_config(prediction_type=run["prediction_type"])
+    # the trainer writes these into the scheduler it saves; a checkpoint has none
+    pipeline.scheduler = noise_schedule.sampler(pipeline.scheduler, run.get("prediction_type"),
+                                                bool(run.get("rescale_betas_zero_snr")))
     return pipeline
 
 

@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from colossal_sd import noise_schedule
+
 PIPELINE_FILES = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                   "scheduler", "safety_checker", "feature_extractor")
 
@@ -47,6 +49,7 @@ def save_pipeline(output_dir, parts, unet_state_dict, args):
     # A part freed once its outputs were cached is missing here: from_pretrained reloads it from the source.
     frozen = {name: module.float().cpu() for name, module in parts.frozen().items()}
     pipeline = open_base_pipeline(parts, args, unet=unet, **frozen)
-    if args.prediction_type is not None:
-        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    # what the run trained: --prediction_type or a single file's metadata, --rescale_betas_zero_snr
+    pipeline.scheduler = noise_schedule.sampler(pipeline.scheduler, parts.noise_scheduler.config.prediction_type,
+                                                getattr(args, "rescale_betas_zero_snr", False))
     atomic_directory(Path(output_dir), lambda tmp: pipeline.save_pretrained(tmp, safe_serialization=True))

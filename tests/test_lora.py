@@ -197,3 +197,26 @@ def test_lora_checkpoints_load_as_lora_and_resume_exactly(tmp_path, tiny_sd):
     expected, resumed = load_file(whole / lora.WEIGHT_NAME), load_file(split / lora.WEIGHT_NAME)
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=1e-6)
+
+
+def test_sd2_kohya_file_gives_the_images_of_the_diffusers_file(tmp_path, tiny_sd):
+    """SD 2.x: linear attention projections in the UNet (LoRA on proj_in/proj_out too) and an OpenCLIP-shaped
+    text encoder; diffusers' kohya reader turns our kohya file into the very adapters of the diffusers file."""
+    from test_single_file import build_tiny_sd2
+
+    sd2 = build_tiny_sd2(tiny_sd, tmp_path / "tiny-sd2")
+    out = tmp_path / "out"
+    run_trainer(*FAST, *LORA, "--resolution", "64", "--pretrained_model_name_or_path", sd2, "--plugin", "none",
+                "--lora_target_modules", "to_q,to_k,to_v,to_out.0,proj_in,proj_out", "--train_text_encoder_lora",
+                "--lora_export_format", "kohya", "--output_dir", out)
+    kohya = load_file(out / lora.KOHYA_WEIGHT_NAME)
+    assert any("_proj_in." in k for k in kohya) and any(k.startswith("lora_te_") for k in kohya)
+    from_diffusers, from_kohya = with_lora(sd2, out), with_lora(sd2, out, lora.KOHYA_WEIGHT_NAME)
+    for name in ("unet", "text_encoder"):
+        left = {k: v for k, v in getattr(from_diffusers, name).state_dict().items() if "lora_" in k}
+        right = {k: v for k, v in getattr(from_kohya, name).state_dict().items() if "lora_" in k}
+        assert left and left.keys() == right.keys(), name
+        assert all(torch.equal(left[k], right[k]) for k in left), name
+    images = sample(from_diffusers, size=64)
+    assert np.isfinite(images).all() and np.abs(images - sample(load_pipeline(sd2), size=64)).max() > 1e-3
+    np.testing.assert_array_equal(sample(from_kohya, size=64), images)
