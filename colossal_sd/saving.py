@@ -32,6 +32,9 @@ def atomic_directory(target: Path, write):
 
 def open_base_pipeline(parts, args, **components):
     """The family's pipeline loaded from the base model's source, with `components` in place of the source's."""
+    if parts.single_file:  # the source holds configs only: the base's weights come from the file again
+        from colossal_sd.models import load_parts
+        components = {**load_parts(args).components(), **components}
     if parts.vae_source and "vae" not in components:  # the VAE trained with, not the source's
         from colossal_sd.models import load_vae_override
         components["vae"] = load_vae_override(parts.vae_source, dict(revision=args.revision, cache_dir=args.cache_dir))

@@ -42,9 +42,9 @@ class StableDiffusionXL(Family):
         text = {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
         if self.zeros_for_empty_prompt:
             empty = (input_ids == empty_ids.to(input_ids.device)).flatten(1).all(dim=1)
-            if empty.any():  # no host sync in the common case would be nicer, but this is one per batch
-                text = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v)
-                        for k, v in text.items()}
+            # no `if empty.any()`: that would be a host sync every step
+            text = {k: torch.where(empty.view(-1, *[1] * (v.ndim - 1)), torch.zeros_like(v), v)
+                    for k, v in text.items()}
         return text
 
     def unused_text_layers(self, text_encoders: dict) -> list:
@@ -67,10 +67,11 @@ class StableDiffusionXL(Family):
 
     def kohya_module_names(self, lora_state: dict, unet_config) -> dict:
         """The UNet's modules under their SGM names (input_blocks.4.1...), as sd-scripts writes SDXL LoRAs."""
-        from colossal_sd.single_file import ldm_key, unet_modules
+        from colossal_sd.single_file import unet_names
+        from colossal_sd.single_file_places import locate
 
-        modules = unet_modules(unet_config)
-        return {("unet." + ldm_key(k[len("unet."):], "unet", "", modules) if k.startswith("unet.") else k): v
+        names = unet_names(unet_config)  # the single-file layout's module map: one mapping, written once
+        return {("unet." + locate(k[len("unet."):], names).key if k.startswith("unet.") else k): v
                 for k, v in lora_state.items()}
 
     def vae_dtype(self, vae, compute_dtype: torch.dtype) -> torch.dtype:
