@@ -32,15 +32,19 @@ def atomic_directory(target: Path, write):
 
 def open_base_pipeline(parts, args, **components):
     """The family's pipeline loaded from the base model's source, with `components` in place of the source's."""
-    if parts.single_file:  # the source holds configs only: the base's weights come from the file again
+    models = ("unet", "vae", *parts.family.text_encoder_classes)
+    if parts.single_file and not all(name in components for name in models):
+        # the source holds configs only: the base's missing weights come from the file again
         from colossal_sd.models import load_parts
-        components = {**load_parts(args).components(), **components}
+        base = load_parts(args).components()
+        components.update({name: base[name] for name in models if name not in components})
     if parts.vae_source and "vae" not in components:  # the VAE trained with, not the source's
         from colossal_sd.models import load_vae_override
         components["vae"] = load_vae_override(parts.vae_source, dict(revision=args.revision, cache_dir=args.cache_dir))
+    components = {**parts.tokenizers, **components}
     return parts.family.pipeline().from_pretrained(
-        parts.source, **components, **parts.tokenizers, revision=args.revision, variant=args.variant,
-        cache_dir=args.cache_dir, **parts.family.loading_kwargs(bool(parts.single_file)))
+        parts.source, **components, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir,
+        **parts.family.loading_kwargs(bool(parts.single_file)))
 
 
 def save_pipeline(output_dir, parts, unet_state_dict, args):
