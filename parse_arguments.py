@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Column holding the captions (a list of captions picks one at random).")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Train on a random subset of this many images (their concept folders' repeats come "
-                           "on top).")
+                           "on top); class and regularisation images are all kept.")
     data.add_argument("--shuffle_caption", action="store_true",
                       help="Shuffle a caption's comma-separated tags, anew each step.")
     data.add_argument("--keep_tokens", type=int, default=0,

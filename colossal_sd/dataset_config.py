@@ -148,7 +148,7 @@ def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda messag
 
 def load(args, seed: int, say, subsets=None):
     """The subsets as one `datasets.Dataset` of IMAGE, CAPTION, REPEATS, SUBSET and IS_REG columns, and the
-    caption options of each subset. --max_train_samples picks from the mix."""
+    caption options of each subset. --max_train_samples picks from the mix of training images."""
     import datasets
 
     subsets = subsets if subsets is not None else read_subsets(args.dataset_config)
@@ -167,8 +167,19 @@ def load(args, seed: int, say, subsets=None):
             + (f", repeated {subset.repeats}x" if subset.repeats > 1 else ""))
     ds = datasets.concatenate_datasets(parts)
     if args.max_train_samples is not None:
-        ds = ds.shuffle(seed=seed).select(range(min(args.max_train_samples, len(ds))))
+        ds = _pick(ds, args.max_train_samples, seed)
     return ds, [subset.caption_options(args) for subset in subsets]
+
+
+def _pick(ds, count: int, seed: int):
+    """--max_train_samples of the training images, at random; the regularisation images are all kept."""
+    import datasets
+    import numpy as np
+
+    is_reg = np.asarray(ds[IS_REG], dtype=bool)
+    training = ds.select(np.flatnonzero(~is_reg)) if is_reg.any() else ds
+    training = training.shuffle(seed=seed).select(range(min(count, len(training))))
+    return datasets.concatenate_datasets([training, ds.select(np.flatnonzero(is_reg))]) if is_reg.any() else training
 
 
 def _common_columns(ds, subset: Subset, number: int):

@@ -99,6 +99,9 @@ def test_is_reg_subsets_and_class_tokens(tmp_path):
     rows = {(tuple(caption), is_reg, repeats) for caption, is_reg, repeats in
             zip(ds[dataset_config.CAPTION], ds[dataset_config.IS_REG], ds["__repeats__"])}
     assert rows == {(("sks cat, sitting",), False, 1), (("sks cat",), False, 1), (("cat",), True, 2)}
+    args.max_train_samples = 1  # of the training images: the regularisation images are all kept
+    ds, _ = dataset_config.load(args, seed=0, say=lambda message: None)
+    assert ds[dataset_config.IS_REG] == [False, True]
     config.write_text(f'[[subsets]]\ntrain_data_dir = "{subject}"\nis_reg = 1\n')
     with pytest.raises(UserError, match="key 'is_reg' must be true or false"):
         dataset_config.read_subsets(config)
@@ -178,7 +181,8 @@ def test_sdxl_dreambooth_lora_through_the_03_script(tmp_path):
                       "--cache_latents", "--cache_text_embeddings", "--cache_dir", tmp_path / "cache")
     log = proc.stdout + proc.stderr
     assert "generating 2 class images" in log and sorted(logged_losses(log)) == [1, 2]
-    assert "validation_split" not in log and "val_loss" not in log  # none of the subject's photos held out
+    # none of the subject's photos is held out for a validation loss, as the script does for other data
+    assert "samples=2 " in log and "validation_split = 0.0" in (out / "training_config.toml").read_text()
     assert len(list((tmp_path / "class").glob("class-*.png"))) == 2
     assert any(key.startswith("unet.") for key in load_file(out / lora.WEIGHT_NAME))
 
