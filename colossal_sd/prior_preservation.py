@@ -107,31 +107,33 @@ def pairs(args) -> bool:
 
 
 def subsets(args) -> list:
-    """The command line's data as subsets, or None where it is plain training data (no DreamBooth flags)."""
-    if not (args.instance_data_dir or args.instance_prompt is not None or args.with_prior_preservation
-            or args.reg_data_dir) or args.dataset_config:
+    """The data as subsets: the --dataset_config file's or the training data's, then the class or regularisation
+    images; None for plain training data (no --dataset_config, no DreamBooth or regularisation flags)."""
+    if args.dataset_config:
+        made = dataset_config.read_subsets(args.dataset_config)
+    elif args.instance_data_dir or args.instance_prompt is not None or args.with_prior_preservation or (
+            args.reg_data_dir):
+        made = [Subset(train_data_dir=args.instance_data_dir or args.train_data_dir,
+                       dataset_name=None if args.instance_data_dir else args.dataset_name,
+                       dataset_config_name=args.dataset_config_name, image_column=args.image_column,
+                       caption_column=args.caption_column, caption_extension=args.caption_extension,
+                       class_tokens=args.instance_prompt)]
+    else:
         return None
-    instance = Subset(train_data_dir=args.instance_data_dir or args.train_data_dir,
-                      dataset_name=None if args.instance_data_dir else args.dataset_name,
-                      dataset_config_name=args.dataset_config_name, image_column=args.image_column,
-                      caption_column=args.caption_column, caption_extension=args.caption_extension,
-                      class_tokens=args.instance_prompt)
     if args.with_prior_preservation:
-        return [instance, Subset(train_data_dir=args.class_data_dir, class_tokens=args.class_prompt, is_reg=True)]
+        made.append(Subset(train_data_dir=args.class_data_dir, class_tokens=args.class_prompt, is_reg=True))
     if args.reg_data_dir:
-        return [instance, Subset(train_data_dir=args.reg_data_dir, caption_extension=args.caption_extension,
-                                 is_reg=True)]
-    return [instance]
+        made.append(Subset(train_data_dir=args.reg_data_dir, caption_extension=args.caption_extension, is_reg=True))
+    return made
 
 
 def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda message: None):
     """The training set (colossal_sd.data.build_dataset's counterpart), its class images among its rows."""
     made = subsets(args)
-    if made is not None:
-        return dataset_config.build_dataset(args, tokenizer, resolution, seed, say, made, made[0].name)
-    if args.dataset_config:
-        return dataset_config.build_dataset(args, tokenizer, resolution, seed, say)
-    return data.build_dataset(args, tokenizer, resolution, seed, say)
+    if made is None:
+        return data.build_dataset(args, tokenizer, resolution, seed, say)
+    where = f"--dataset_config {args.dataset_config}" if args.dataset_config else made[0].name
+    return dataset_config.build_dataset(args, tokenizer, resolution, seed, say, made, where)
 
 
 def paired(dataset, images, prior_loss_weight: float, say):

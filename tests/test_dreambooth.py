@@ -3,6 +3,7 @@ and reused, batches of instance + class samples, the two losses logged, min-SNR 
 through the 03 script; kohya's --reg_data_dir. Through the trainer, and as units."""
 
 import argparse
+import math
 import re
 
 import numpy as np
@@ -11,11 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from colossal_sd import data, dataset_config, lora, loss, prior_preservation
+from colossal_sd import dataset_config, lora, loss, prior_preservation
 from colossal_sd.errors import UserError
 from conftest import load_pipeline, run_script, run_trainer, sample, unet_weights
 from parse_arguments import parse_args
 from test_datasets import write_images
+from test_final_outputs import one_process_group  # noqa: F401 (a fixture)
 
 CLASS_IMAGES = 6
 # 3 photos of the subject; 2 processes x 2 instance samples (+ 2 class samples) a step: the UNet sees 8 a step.
@@ -105,6 +107,21 @@ def test_is_reg_subsets_and_class_tokens(tmp_path):
     config.write_text(f'[[subsets]]\ntrain_data_dir = "{subject}"\nis_reg = 1\n')
     with pytest.raises(UserError, match="key 'is_reg' must be true or false"):
         dataset_config.read_subsets(config)
+
+
+def test_the_command_line_becomes_subsets_with_the_class_images_last(tmp_path):
+    subject = write_images(tmp_path / "subject", ["0.png"])
+    made = prior_preservation.subsets(parse_args(["--instance_data_dir", str(subject), "--instance_prompt", "sks",
+                                                  "--with_prior_preservation", "--class_data_dir", "class",
+                                                  "--class_prompt", "a cat"]))
+    assert [(s.train_data_dir, s.class_tokens, s.is_reg) for s in made] == [(str(subject), "sks", False),
+                                                                            ("class", "a cat", True)]
+    config = tmp_path / "mix.toml"
+    config.write_text(f'[[subsets]]\ntrain_data_dir = "{subject}"\n')
+    made = prior_preservation.subsets(parse_args(["--dataset_config", str(config), "--with_prior_preservation",
+                                                  "--class_data_dir", "class", "--class_prompt", "a cat"]))
+    assert [s.is_reg for s in made] == [False, True]
+    assert prior_preservation.subsets(parse_args([])) is None  # plain data: colossal_sd.data reads it as before
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -201,3 +218,13 @@ def test_reg_data_dir_pairs_kohya_folders_and_weights_them(tmp_path):
     for total, instance, prior in logged_losses(log).values():
         assert total == pytest.approx(instance + 0.25 * prior, rel=1e-3)
     assert sample(load_pipeline(out)).shape == (1, 32, 32, 3)
+
+
+def test_the_log_window_averages_the_two_losses_and_leaves_out_skipped_steps(one_process_group):
+    from colossal_sd.train import _Window
+    window = _Window(torch.device("cpu"), loss_scaled=True)
+    for total, instance, prior in ((3.0, 1.0, 2.0), (math.inf, math.inf, 1.0), (5.0, 2.0, 3.0)):
+        window.add(torch.tensor(total), 8, {"instance_loss": torch.tensor(instance), "prior_loss": torch.tensor(prior)})
+    logged = window.flush(1e-4, None)
+    assert (logged["loss"], logged["instance_loss"], logged["prior_loss"]) == (4.0, 1.5, 2.5)
+    assert "instance_loss" not in window.flush(1e-4, None)  # a window starts empty
