@@ -15,6 +15,7 @@ from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
 from colossal_sd.single_file import is_single_file
 from colossal_sd.lora import DEFAULT_TARGET_MODULES, check_lora_arguments
+from colossal_sd import prior_preservation
 from colossal_sd.tracking import REPORT_TO
 
 PLUGINS = ("auto", "torch_ddp", "torch_ddp_fp16", "gemini", "low_level_zero", "none")
@@ -70,6 +71,7 @@ VALUE_RANGES = {
     "keep_tokens": AT_LEAST_0, "caption_tag_dropout": FRACTION, "caption_variants": AT_LEAST_1,
     "num_validation_images": AT_LEAST_1, "validation_inference_steps": AT_LEAST_1,
     "validation_steps": AT_LEAST_1, "validation_epochs": AT_LEAST_1, "validation_split": FRACTION,
+    "num_class_images": AT_LEAST_1, "sample_batch_size": AT_LEAST_1, "prior_loss_weight": POSITIVE,
 }
 
 
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Column holding the captions (a list of captions picks one at random).")
     data.add_argument("--max_train_samples", type=int, default=None,
                       help="Train on a random subset of this many images (their concept folders' repeats come "
-                           "on top).")
+                           "on top); class and regularisation images are all kept.")
     data.add_argument("--shuffle_caption", action="store_true",
                       help="Shuffle a caption's comma-separated tags, anew each step.")
     data.add_argument("--keep_tokens", type=int, default=0,
@@ -167,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--streaming", action="store_true",
                       help="Stream the dataset (local parquet/json/imagefolder shards or the hub) instead of "
                            "loading it; memory stays flat. Needs --max_train_steps.")
+    prior_preservation.add_arguments(p)
 
     train = p.add_argument_group("training")
     train.add_argument("--output_dir", default="sd-model-finetuned", help="Where the trained pipeline goes.")
@@ -323,7 +326,9 @@ def check_arguments(args: argparse.Namespace) -> argparse.Namespace:
     if args.dataset_name and args.train_data_dir:
         raise UserError("give either --dataset_name or --train_data_dir, not both")
     check_dataset_config(args)
-    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None:
+    prior_preservation.check_arguments(args)
+    if args.dataset_name is None and args.train_data_dir is None and args.dataset_config is None and (
+            args.instance_data_dir is None):
         args.dataset_name = EMBEDDED_DATASET
     check_ranges(args)
     check_caption_options(args)

@@ -13,15 +13,16 @@ and caption options (kohya's idea, with this trainer's flag names).
     caption_column = "prompt"
 
 A subset's keys: train_data_dir or dataset_name (with dataset_config_name), image_column, caption_column,
-caption_extension, repeats, and the caption options shuffle_caption, keep_tokens, caption_tag_dropout and
+caption_extension, repeats, class_tokens (kohya's: the caption of an image that has none), is_reg (regularisation
+images: each training sample is paired with one, weighted by --prior_loss_weight; colossal_sd.prior_preservation),
+and the caption options shuffle_caption, keep_tokens, caption_tag_dropout and
 caption_variants; a key at the top level is every subset's default, and a caption option set in neither place is
 the command line's. Relative paths are relative to the file's folder.
 
 Every subset becomes the same columns (IMAGE, CAPTION, colossal_sd.concept_folders.REPEATS and
-colossal_sd.data.SUBSET, the subset's number, by which a row finds its caption options), and the subsets are
-concatenated. A subset key the file does not know is a one-line error naming it. A new per-subset setting
-(e.g. `is_reg` for regularisation images) is one more `Subset` field and, where the loop needs it per sample,
-one more column.
+colossal_sd.data.SUBSET, the subset's number, by which a row finds its caption options, and IS_REG), and the
+subsets are concatenated. A subset key the file does not know is a one-line error naming it. A new per-subset
+setting is one more `Subset` field and, where the loop needs it per sample, one more column.
 """
 
 import dataclasses
@@ -36,6 +37,7 @@ from colossal_sd.config_file import read_config
 from colossal_sd.errors import UserError
 
 IMAGE, CAPTION = "image", "text"
+IS_REG = "__is_reg__"  # the column of regularisation flags
 SOURCES = ("train_data_dir", "dataset_name")
 CAPTION_OPTIONS = tuple(CaptionOptions.__dataclass_fields__)
 
@@ -49,6 +51,8 @@ class Subset:
     caption_column: str = "text"
     caption_extension: str = caption_files.DEFAULT_EXTENSION
     repeats: int = 1
+    class_tokens: Optional[str] = None  # the caption of an image without one (kohya's name)
+    is_reg: bool = False  # regularisation (class) images, paired with the training samples
     shuffle_caption: Optional[bool] = None  # the caption options: None takes the command line's
     keep_tokens: Optional[int] = None
     caption_tag_dropout: Optional[float] = None
@@ -72,7 +76,7 @@ class Subset:
 KEYS = {field.name: field for field in dataclasses.fields(Subset)}
 # What each key takes: (type, lowest value) — bools are not ints here, though Python says they are.
 KINDS = {"repeats": (int, 1), "keep_tokens": (int, 0), "caption_tag_dropout": ((int, float), 0),
-         "caption_variants": (int, 1), "shuffle_caption": (bool, None)}
+         "caption_variants": (int, 1), "shuffle_caption": (bool, None), "is_reg": (bool, None)}
 
 
 def read_subsets(path) -> list:
@@ -130,36 +134,52 @@ def _check(table: dict, where: str, top_level: bool = False):
             raise UserError(f"{where}: key '{key}' must be below 1 (got {value!r})")
 
 
-def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda message: None):
-    """The training set of the mixed subsets (colossal_sd.data.build_dataset's counterpart)."""
-    ds, caption_options = load(args, seed, say)
+def build_dataset(args, tokenizer, resolution: int, seed: int, say=lambda message: None, subsets=None,
+                  where=None):
+    """The training set of the mixed subsets (colossal_sd.data.build_dataset's counterpart): the file's, or
+    `subsets` made from the command line (colossal_sd.prior_preservation)."""
+    where = where or f"--dataset_config {args.dataset_config}"
+    ds, caption_options = load(args, seed, say, subsets)
     if len(ds) == 0:
-        raise UserError(f"--dataset_config {args.dataset_config}: its subsets hold no images")
+        raise UserError(f"{where}: its subsets hold no images")
     return data.make_dataset(args, ds, tokenizer, IMAGE, CAPTION, resolution, seed, None, caption_options,
-                             args.dataset_config, say)
+                             where, say)
 
 
-def load(args, seed: int, say):
-    """The subsets as one `datasets.Dataset` of IMAGE, CAPTION, REPEATS and SUBSET columns, and the caption
-    options of each subset. --max_train_samples picks from the mix."""
+def load(args, seed: int, say, subsets=None):
+    """The subsets as one `datasets.Dataset` of IMAGE, CAPTION, REPEATS, SUBSET and IS_REG columns, and the
+    caption options of each subset. --max_train_samples picks from the mix of training images."""
     import datasets
 
-    subsets = read_subsets(args.dataset_config)
+    subsets = subsets if subsets is not None else read_subsets(args.dataset_config)
     parts = []
     for number, subset in enumerate(subsets):
         source = data.load_source(subset.dataset_name, subset.dataset_config_name, subset.train_data_dir,
                                   args.cache_dir, image_column=subset.image_column,
                                   caption_column=subset.caption_column, caption_extension=subset.caption_extension,
-                                  say=say)
+                                  # class_tokens caption the images that have none: no warning about them
+                                  say=say if subset.class_tokens is None else lambda message: None)
         ds = data.keep_columns_undecoded(source, subset.image_column, subset.caption_column)
         ds = data.with_concept_repeats(ds, subset.image_column, subset.name)
         parts.append(_common_columns(ds, subset, number))
-        say(f"data: subset {number + 1} ({subset.name}): {len(ds)} images, repeated {subset.repeats}x"
-            if subset.repeats > 1 else f"data: subset {number + 1} ({subset.name}): {len(ds)} images")
+        kind = " regularisation" if subset.is_reg else ""
+        say(f"data: subset {number + 1} ({subset.name}): {len(ds)}{kind} images"
+            + (f", repeated {subset.repeats}x" if subset.repeats > 1 else ""))
     ds = datasets.concatenate_datasets(parts)
     if args.max_train_samples is not None:
-        ds = ds.shuffle(seed=seed).select(range(min(args.max_train_samples, len(ds))))
+        ds = _pick(ds, args.max_train_samples, seed)
     return ds, [subset.caption_options(args) for subset in subsets]
+
+
+def _pick(ds, count: int, seed: int):
+    """--max_train_samples of the training images, at random; the regularisation images are all kept."""
+    import datasets
+    import numpy as np
+
+    is_reg = np.asarray(ds[IS_REG], dtype=bool)
+    training = ds.select(np.flatnonzero(~is_reg)) if is_reg.any() else ds
+    training = training.shuffle(seed=seed).select(range(min(count, len(training))))
+    return datasets.concatenate_datasets([training, ds.select(np.flatnonzero(is_reg))]) if is_reg.any() else training
 
 
 def _common_columns(ds, subset: Subset, number: int):
@@ -170,16 +190,16 @@ def _common_columns(ds, subset: Subset, number: int):
     features = datasets.Features({IMAGE: datasets.Image(decode=False),
                                   CAPTION: datasets.Sequence(datasets.Value("string")),
                                   concept_folders.REPEATS: datasets.Value("int64"),
-                                  data.SUBSET: datasets.Value("int64")})
-    root, repeats = subset.root, subset.repeats
+                                  data.SUBSET: datasets.Value("int64"), IS_REG: datasets.Value("bool")})
+    root, repeats, fallback = subset.root, subset.repeats, [subset.class_tokens] if subset.class_tokens else []
 
     def common(batch):
         rows = len(batch[subset.image_column])
         folder_repeats = batch.get(concept_folders.REPEATS, [1] * rows)
         return {IMAGE: [_absolute(cell, root) for cell in batch[subset.image_column]],
-                CAPTION: [metadata_files.caption_list(value) for value in batch[subset.caption_column]],
+                CAPTION: [metadata_files.caption_list(value) or fallback for value in batch[subset.caption_column]],
                 concept_folders.REPEATS: [count * repeats for count in folder_repeats],
-                data.SUBSET: [number] * rows}
+                data.SUBSET: [number] * rows, IS_REG: [subset.is_reg] * rows}
 
     return ds.map(common, batched=True, remove_columns=ds.column_names, features=features)
 

@@ -4,6 +4,7 @@
     --aspect_ratio_bucketing  same-bucket batches, sharded across ranks  (colossal_sd.buckets)
     --cache_latents / --cache_text_embeddings  encode once, ever          (colossal_sd.caching)
     --dataset_config          several subsets mixed into one set         (colossal_sd.dataset_config)
+    --with_prior_preservation / --reg_data_dir  batches of training + class samples  (colossal_sd.prior_preservation)
 """
 
 import gc
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from colossal_sd import buckets, caching, data, dataset_config, models, streaming, validation
+from colossal_sd import buckets, caching, data, models, prior_preservation, streaming, validation
 
 
 def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
@@ -26,17 +27,19 @@ def build(args, parts, resolution: int, seed: int, info, engine, stop_request):
         dataset = streaming.build_stream(args, parts.caption_tokenizer, resolution, seed, info)
         return dataset, None, DataLoader(dataset, batch_size=args.train_batch_size, collate_fn=data.collate,
                                          num_workers=args.dataloader_num_workers, pin_memory=pin), encode
-    build_dataset = dataset_config.build_dataset if getattr(args, "dataset_config", None) else data.build_dataset
-    dataset = build_dataset(args, parts.caption_tokenizer, resolution, seed, say)
-    dataset, held_out = validation.split_off_validation(dataset, args.validation_split, seed)
-    batch_sampler = None
+    if args.with_prior_preservation:
+        prior_preservation.make_class_images(args, parts, resolution, seed, info, engine, say)
+    images = prior_preservation.build_dataset(args, parts.caption_tokenizer, resolution, seed, say)
+    images, held_out = validation.split_off_validation(images, args.validation_split, seed)
+    dataset, batch_sampler = images, None
     if args.aspect_ratio_bucketing:
         batch_sampler = _bucket(args, parts, resolution, seed, info, dataset, say)
     if args.cache_latents or args.cache_text_embeddings:
         dataset = _cache(args, parts, dataset, info, engine, say, stop_request)
     if batch_sampler is None:
+        dataset, collate = prior_preservation.paired(dataset, images, args.prior_loss_weight, say)
         return dataset, held_out, engine.prepare_dataloader(dataset, args.train_batch_size, seed,
-                                                            args.dataloader_num_workers, data.collate), encode
+                                                            args.dataloader_num_workers, collate), encode
     return dataset, held_out, DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=data.collate,
                                          num_workers=args.dataloader_num_workers, pin_memory=pin), encode
 

@@ -80,10 +80,11 @@ launch_trainer() {
     fi
     setting --learning_rate "${LEARNING_RATE:-}" "$demo_rate" "$@"
     setting --validation_steps "${VALIDATION_STEPS:-}" 50 "$@"
-    # a stream has no index to hold images out of
-    on --streaming "$@" || setting --validation_split "${VALIDATION_SPLIT:-}" 0.02 "$@"
+    # a stream has no index to hold images out of, and a DreamBooth subject's handful of photos none to spare
+    on --streaming "$@" || given --instance_data_dir "$@" \
+        || setting --validation_split "${VALIDATION_SPLIT:-}" 0.02 "$@"
     if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! given --dataset_name "$@" && ! given --train_data_dir "$@" \
-            && ! given --dataset_config "$@"; then
+            && ! given --dataset_config "$@" && ! given --instance_data_dir "$@"; then
         setting --num_validation_images "" 2 "$@"
         setting --validation_inference_steps "" 10 "$@"
         given --validation_prompts "$@" || flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}")

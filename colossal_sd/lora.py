@@ -202,7 +202,8 @@ def write_model_card(directory: Path, args, source: str, run: dict, pipeline_cla
     """README.md for the hub and for people: base, data, settings, files, how to load."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = args.dataset_name or args.train_data_dir or getattr(args, "dataset_config", None)
+    data = (args.dataset_name or args.train_data_dir or getattr(args, "dataset_config", None)
+            or getattr(args, "instance_data_dir", None))
     files = [WEIGHT_NAME] + ([KOHYA_WEIGHT_NAME] if args.lora_export_format == "kohya" else [])
     files += [f"{MERGED_DIR}/ (the base with the LoRA fused in)"] if args.merge_lora else []
     settings = {"rank": args.rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,

@@ -12,7 +12,7 @@ from colossal_sd.checkpoint import Checkpointer
 from colossal_sd.divergence import DivergenceGuard
 from colossal_sd.embedded import is_embedded, resolve
 from colossal_sd.fingerprint import base_model_fingerprint
-from colossal_sd.loss import LossOptions, drop_captions, noise_prediction_loss
+from colossal_sd.loss import LossOptions, drop_captions, training_loss
 from colossal_sd.preemption import StopRequest, signalled_during_final_save
 from colossal_sd.tracking import Tracker
 
@@ -116,10 +116,10 @@ def _train(args, info, stop_request):
                                                        empty_caption, args.caption_dropout, generator)
                 latents, conditioning = encode(batch, info.device, generator)
                 with engine.autocast():
-                    loss = noise_prediction_loss(unet, parts.noise_scheduler, latents, conditioning, generator,
-                                                 loss_options)
+                    loss, loss_parts = training_loss(unet, parts.noise_scheduler, latents, conditioning, generator,
+                                                     loss_options)
                 engine.backward(loss / accumulation, optimizer)
-            window.add(loss.detach(), len(latents))
+            window.add(loss.detach(), len(latents), loss_parts)
             skipped += batch["skipped"]
             if not sync:
                 continue
@@ -185,7 +185,8 @@ class _Window:
     """Loss and throughput since the last log line. Values stay on the device until logged: no per-step sync.
 
     Under fp16 loss scaling a non-finite loss is a step the scaler skips: it is counted (`skipped_losses`) and
-    left out of the mean, which becomes nan only when every loss of the window was non-finite."""
+    left out of the mean, which becomes nan only when every loss of the window was non-finite. The loss's parts
+    (prior preservation's instance_loss and prior_loss) are averaged alike."""
 
     def __init__(self, device, loss_scaled: bool = False):
         self.device, self.loss_scaled = device, loss_scaled
@@ -193,28 +194,35 @@ class _Window:
 
     def reset(self):
         self.loss_sum = torch.zeros((), device=self.device)
+        self.part_sums = {}
         self.skipped = torch.zeros((), device=self.device)
         self.micro_batches = 0
         self.images = 0
         self.start = time.perf_counter()
 
-    def add(self, loss, images):
+    def add(self, loss, images, parts=None):
+        parts = parts or {}
         if self.loss_scaled:
             finite = torch.isfinite(loss)
             loss = torch.where(finite, loss, 0.0)
+            parts = {name: torch.where(finite, value, 0.0) for name, value in parts.items()}
             self.skipped += ~finite
         self.loss_sum += loss
+        for name, value in parts.items():
+            self.part_sums[name] = self.part_sums.get(name, 0.0) + value
         self.micro_batches += 1
         self.images += images
 
     def flush(self, lr, grad_norm) -> dict:
         counted = self.micro_batches - self.skipped
+        names = sorted(self.part_sums)  # the same on every rank: every rank's batches are alike
         stats = torch.stack([self.loss_sum, counted, torch.tensor(float(self.images), device=self.device),
-                             self.skipped])
+                             self.skipped, *(self.part_sums[name] for name in names)])
         dist.all_reduce(stats)
-        loss_sum, counted, images, skipped = stats.tolist()
+        loss_sum, counted, images, skipped, *part_sums = stats.tolist()
         values = {"loss": loss_sum / counted if counted else math.nan, "lr": lr,
                   "images_per_s": images / (time.perf_counter() - self.start)}
+        values.update({name: total / counted if counted else math.nan for name, total in zip(names, part_sums)})
         if skipped:
             values["skipped_losses"] = skipped
         if grad_norm is not None:
