@@ -168,8 +168,9 @@ def test_single_file_flags_misused_are_one_clear_line(args, expected, tmp_path):
 
 # ---------------------------------------------------------------- SD 2.x and SDXL
 
-REFERENCE_SCRIPTS = {"sd2": "/work/ref/convert_diffusers_to_original_stable_diffusion.py",
-                     "sdxl": "/work/ref/convert_diffusers_to_original_sdxl.py"}
+REFERENCE = Path(__file__).parent / "reference"  # diffusers v0.29.0's own conversion scripts (see its README)
+REFERENCE_SCRIPTS = {"sd2": str(REFERENCE / "convert_diffusers_to_original_stable_diffusion.py"),
+                     "sdxl": str(REFERENCE / "convert_diffusers_to_original_sdxl.py")}
 PIPELINES = {"sd2": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
 
