@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import ROOT, run, run_command, steady_images_per_s
+from measure import ROOT, run_command
 
 DIFFUSERS_SCRIPT = Path(os.environ.get("DIFFUSERS_SDXL_SCRIPT", "/work/ref/train_text_to_image_sdxl.py"))
 TIMED_SCRIPT = Path(__file__).resolve().parent / "timed_script.py"
@@ -41,11 +41,13 @@ def write_subset(source: Path, out: Path, rows: int) -> Path:
     return out
 
 
-def steady_rate(step_times, batch_size: int, warmup: int) -> float:
-    """Images/s from the end of step `warmup` to the last step."""
+def steady_rates(step_times, batch_size: int, warmup: int) -> tuple:
+    """(images per wall-clock second, images per CPU second) from the end of step `warmup` to the last step."""
     if len(step_times) <= warmup + 1:
         sys.exit(f"only {len(step_times)} step times: raise --steps")
-    return batch_size * (len(step_times) - 1 - warmup) / (step_times[-1] - step_times[warmup])
+    (wall0, cpu0), (wall1, cpu1) = step_times[warmup], step_times[-1]
+    images = batch_size * (len(step_times) - 1 - warmup)
+    return images / (wall1 - wall0), images / (cpu1 - cpu0)
 
 
 def step_times_of(log: str) -> list:
@@ -85,28 +87,29 @@ def bare_loop(model: str, resolution: int, batch_size: int, steps: int):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter())
+        times.append((time.perf_counter(), time.process_time()))
     print("STEP_TIMES " + json.dumps(times), flush=True)
 
 
 # -- the three, alternated --------------------------------------------------------------------------------------
 
 def commands(a, data: Path, tmp: str):
-    """name -> function(run index) -> (images/s, peak RSS MiB)."""
+    """name -> function(run index) -> (images per wall s, images per CPU s, peak RSS MiB)."""
     common = ["--pretrained_model_name_or_path", a.model, "--resolution", a.resolution, "--train_batch_size",
               a.batch_size, "--max_train_steps", a.steps, "--seed", "0", "--train_data_dir", data]
     ours_flags = common + ["--plugin", "torch_ddp", "--cache_latents", "--cache_text_embeddings",
                            "--cache_dir", f"{tmp}/cache", "--logging_steps", a.logging_steps]
 
     def ours(i):
-        log, rss = run(ours_flags, f"{tmp}/ours{i}")
+        log, rss = run_command([sys.executable, TIMED_SCRIPT, ROOT / "stable_diffusion_colossalai_trainer.py",
+                                *ours_flags, "--output_dir", f"{tmp}/ours{i}"])
         assert i < 0 or "re-encoded nothing" in log, log[-2000:]  # every timed run reuses the cache
-        return steady_images_per_s(log), rss
+        return (*steady_rates(step_times_of(log), a.batch_size, a.logging_steps), rss)
 
     def bare(i):
         log, rss = run_command([sys.executable, __file__, "--bare_loop", "--model", a.model, "--resolution",
                                 a.resolution, "--batch_size", a.batch_size, "--steps", a.steps])
-        return steady_rate(step_times_of(log), a.batch_size, a.logging_steps), rss
+        return (*steady_rates(step_times_of(log), a.batch_size, a.logging_steps), rss)
 
     def diffusers(i):
         model = a.model
@@ -117,7 +120,7 @@ def commands(a, data: Path, tmp: str):
         log, rss = run_command([Path(sys.executable).parent / "accelerate", "launch", "--cpu", "--num_processes", 1,
                                 "--num_machines", 1, "--mixed_precision", "no", "--dynamo_backend", "no",
                                 TIMED_SCRIPT, DIFFUSERS_SCRIPT, *flags, "--output_dir", f"{tmp}/diffusers{i}"])
-        return steady_rate(step_times_of(log), a.batch_size, a.logging_steps), rss
+        return (*steady_rates(step_times_of(log), a.batch_size, a.logging_steps), rss)
 
     return {"ours": ours, "bare": bare, "diffusers": diffusers}
 
@@ -151,33 +154,36 @@ def main():
         if "ours" in names:
             runs["ours"](-1)  # builds the cache
         build_s = time.perf_counter() - start
-        rates, rss = {n: [] for n in names}, {n: [] for n in names}
+        runs_of = {n: [] for n in names}  # (images per wall s, images per CPU s, peak RSS MiB) of each run
         for i in range(a.repeats):
             for name in names:
-                rate, peak = runs[name](i)
-                rates[name].append(rate)
-                rss[name].append(peak)
-                print(f"repeat {i + 1} {name}: {rate:.2f} images/s, peak RSS {peak:.0f} MiB", flush=True)
-    report(a, names, rates, rss, build_s)
+                runs_of[name].append(runs[name](i))
+                wall, cpu, peak = runs_of[name][-1]
+                print(f"repeat {i + 1} {name}: {wall:.2f} images/s, {cpu:.2f} images per CPU s, peak RSS {peak:.0f} MiB",
+                      flush=True)
+    report(a, names, runs_of, build_s)
 
 
-def report(a, names, rates, rss, build_s):
+def report(a, names, runs_of, build_s):
     print(f"model {a.model}, {a.resolution} px, batch {a.batch_size}, {a.steps} steps ({a.logging_steps} left out "
           f"as warm-up), {a.samples} images, {a.threads} thread(s), 1 process, best of {a.repeats} alternated runs; "
-          f"our cache built in {build_s:.0f} s (including start-up)")
+          f"our cache built in {build_s:.0f} s (including start-up); load average {os.getloadavg()[0]:.1f}")
     for name in names:
-        print(f"{name}: images/s of every run {' '.join(f'{x:.2f}' for x in rates[name])}")
+        print(f"{name}: images/s of every run {' '.join(f'{r[0]:.2f}' for r in runs_of[name])}; images per CPU s "
+              f"{' '.join(f'{r[1]:.2f}' for r in runs_of[name])}")
     if "ours" in names:
         for other in (n for n in names if n != "ours"):
-            pairs = " ".join(f"{o / x:.2f}" for o, x in zip(rates["ours"], rates[other]))
-            print(f"ours / {other} of each alternated repeat: {pairs}")
-    print("| run | images/s | steps/s | peak RSS MiB | ours / this, speed | ours / this, peak RSS |")
-    print("|---|---|---|---|---|---|")
-    best, peak = {n: max(rates[n]) for n in names}, {n: max(rss[n]) for n in names}
+            pairs = " ".join(f"{o[0] / x[0]:.2f}/{o[1] / x[1]:.2f}" for o, x in zip(runs_of["ours"], runs_of[other]))
+            print(f"ours / {other} of each alternated repeat (wall/CPU): {pairs}")
+    best = {n: [max(r[k] for r in runs_of[n]) for k in range(3)] for n in names}  # best rates, highest RSS
+    ours = best.get("ours")
+    print("| run | images/s | steps/s | images per CPU s | peak RSS MiB | ours / this: images/s | images per CPU s "
+          "| peak RSS |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
-        ratios = (f"{best['ours'] / best[name]:.2f}x | {peak['ours'] / peak[name]:.2f}x" if "ours" in names
-                  else "- | -")
-        print(f"| {name} | {best[name]:.2f} | {best[name] / a.batch_size:.3f} | {peak[name]:.0f} | {ratios} |")
+        wall, cpu, peak = best[name]
+        ratios = (f"{ours[0] / wall:.2f}x | {ours[1] / cpu:.2f}x | {ours[2] / peak:.2f}x" if ours else "- | - | -")
+        print(f"| {name} | {wall:.2f} | {wall / a.batch_size:.3f} | {cpu:.2f} | {peak:.0f} | {ratios} |")
 
 if __name__ == "__main__":
     main()

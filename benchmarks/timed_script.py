@@ -1,8 +1,9 @@
-"""Run a training script unchanged, timing its "Steps" progress bar: `python timed_script.py SCRIPT ARGS...`.
+"""Run a training script unchanged, timing its step progress bar: `python timed_script.py SCRIPT ARGS...`.
 
-diffusers' example scripts log no per-step time; each optimizer step ends in `progress_bar.update(1)` of a tqdm bar
-named "Steps", so that call's wall-clock time is recorded. At exit it prints one line `STEP_TIMES [t0, t1, ...]`
-(perf_counter seconds), which sdxl_speed.py turns into a steady-state rate like our trainer's log.
+diffusers' example scripts log no per-step time, and our log gives wall-clock rates only. Each optimizer step of
+both ends in `update(1)` of a tqdm bar named "Steps" (diffusers) or "steps" (ours), so that call's wall-clock
+time and the process's CPU time (all its threads) are recorded. At exit it prints one line
+`STEP_TIMES [[wall_s, cpu_s], ...]`, which sdxl_speed.py turns into steady-state rates.
 """
 
 import atexit
@@ -18,8 +19,8 @@ _update = tqdm.auto.tqdm.update
 
 
 def _timed_update(self, n=1):
-    if getattr(self, "desc", "") == "Steps":
-        STEP_TIMES.append(time.perf_counter())
+    if str(getattr(self, "desc", "")).lower() == "steps":
+        STEP_TIMES.append((time.perf_counter(), time.process_time()))
     return _update(self, n)
 
 

@@ -119,11 +119,19 @@ def test_torch_ddp_fp16_autocast_trains_the_fp32_unet_on_half_precision_cached_c
     assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", "torch_ddp_fp16"])
-def test_gpu_plugins_with_an_sdxl_model_on_cpu_refuse_in_one_line(plugin, tmp_path):
-    proc = run_trainer("--pretrained_model_name_or_path", "embedded:tiny-sdxl", "--plugin", plugin,
+def test_gemini_with_an_sdxl_model_on_cpu_refuses_in_one_line(tmp_path):
+    proc = run_trainer("--pretrained_model_name_or_path", "embedded:tiny-sdxl", "--plugin", "gemini",
                        "--max_train_steps", "1", "--output_dir", tmp_path / "out", check=False, timeout=180)
-    assert_one_line_error(proc, f"--plugin {plugin} needs a CUDA GPU")
+    assert_one_line_error(proc, "--plugin gemini needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("plugin", ["gemini", "low_level_zero", "torch_ddp_fp16"])
+def test_every_gpu_plugin_refuses_cpu_before_any_model_is_loaded(plugin):
+    """The check the CLI test above goes through, for each GPU plugin: build_engine, the loop's first call."""
+    from colossal_sd import plugins
+    from colossal_sd.errors import UserError
+    with pytest.raises(UserError, match=f"--plugin {plugin} needs a CUDA GPU"):
+        plugins.check_device(plugin, cuda=False, xformers=False)
 
 
 # -- the GPU benchmark's model and its CPU dry run -----------------------------------------------------------------
