@@ -159,8 +159,8 @@ def main():
             for name in names:
                 runs_of[name].append(runs[name](i))
                 wall, cpu, peak = runs_of[name][-1]
-                print(f"repeat {i + 1} {name}: {wall:.2f} images/s, {cpu:.2f} images per CPU s, peak RSS {peak:.0f} MiB",
-                      flush=True)
+                print(f"repeat {i + 1} {name}: {wall:.2f} images/s, {cpu:.2f} images per CPU s, "
+                      f"peak RSS {peak:.0f} MiB", flush=True)
     report(a, names, runs_of, build_s)
 
 
