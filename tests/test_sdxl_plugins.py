@@ -152,7 +152,9 @@ def test_plugin_memory_dry_run_trains_the_tiny_sdxl_unet_on_cpu(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "benchmarks/plugin_memory.py", "--unet_shape", "tiny-sdxl", "--plugin", "torch_ddp",
            "--gradient_checkpointing", "--train_batch_size", "2", "--warmup_steps", "1", "--timed_steps", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    # one thread: two spin-wait for each other on a shared CPU
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = tmp_path / "results.txt"
     results.write_text(proc.stdout)
