@@ -13,8 +13,13 @@ sys.path.insert(0, str(ROOT))  # benchmarks import the package they measure
 
 def run(flags, output_dir) -> tuple:
     """Train once; returns (log, peak RSS in MiB) of that process alone (os.wait4 gives per-child usage)."""
-    cmd = [sys.executable, str(ROOT / "stable_diffusion_colossalai_trainer.py"), *map(str, flags),
-           "--output_dir", str(output_dir)]
+    return run_command([sys.executable, str(ROOT / "stable_diffusion_colossalai_trainer.py"), *map(str, flags),
+                        "--output_dir", str(output_dir)])
+
+
+def run_command(cmd) -> tuple:
+    """Run `cmd` to the end; returns (log, peak RSS in MiB): the largest RSS of it and the children it waited for."""
+    cmd = list(map(str, cmd))
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
         _, status, usage = os.wait4(proc.pid, 0)

@@ -3,7 +3,8 @@
 import json
 import sys
 
-COLUMNS = ("plugin", "placement", "precision", "batch", "grad_ckpt", "peak_gib", "steps_per_s", "images_per_s",
+COLUMNS = ("unet", "resolution", "plugin", "placement", "precision", "batch", "grad_ckpt", "peak_gib", "train_peak_gib",
+           "steps_per_s", "images_per_s",
            "first_loss", "last_loss", "loss_ok")
 
 
