@@ -27,7 +27,9 @@ from pathlib import Path
 
 from measure import ROOT, run_command
 
-DIFFUSERS_SCRIPT = Path(os.environ.get("DIFFUSERS_SDXL_SCRIPT", "/work/ref/train_text_to_image_sdxl.py"))
+# diffusers v0.29.0's own script, shipped in benchmarks/reference/ (it is not in the diffusers wheel)
+DIFFUSERS_SCRIPT = Path(os.environ.get("DIFFUSERS_SDXL_SCRIPT",
+                                       Path(__file__).parent / "reference" / "train_text_to_image_sdxl.py"))
 TIMED_SCRIPT = Path(__file__).resolve().parent / "timed_script.py"
 
 
