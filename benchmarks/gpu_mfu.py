@@ -50,7 +50,11 @@ def main():
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012)
-    flops = speed.unet_flops_per_sample(unet, LATENT, SD15_UNET_CONFIG["cross_attention_dim"], torch.device("cuda"))
+    from types import SimpleNamespace
+
+    from colossal_sd.families import StableDiffusion
+    flops = speed.unet_flops_per_sample(SimpleNamespace(unet=unet, family=StableDiffusion({}), vae_scale_factor=8),
+                                        LATENT)
     batch = 8
     while batch < 1024 and fits(unet, optimizer, scheduler, batch * 2):
         batch *= 2

@@ -6,17 +6,22 @@ import torch
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
 
 
-def unet_flops_per_sample(parts, latent_size: int, device) -> int:
-    """FLOPs of one training sample (forward and backward), counted once on a batch of one."""
+def unet_flops_per_sample(parts, latent_size: int) -> int:
+    """FLOPs of one training sample (forward and backward), counted once on a batch of one.
+
+    Counted on a copy of the UNet on the meta device: shapes only, no memory and no time on the real device,
+    wherever (and however large) the UNet being trained is."""
+    from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet = parts.unet
-    latents = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device)
-    conditioning = parts.family.random_conditioning(unet.config, 1, latent_size * parts.vae_scale_factor, device)
-    timesteps = torch.zeros(1, dtype=torch.long, device=device)
+    meta = torch.device("meta")
+    with meta:
+        unet = UNet2DConditionModel.from_config(parts.unet.config)
+    latents = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=meta)
+    conditioning = parts.family.random_conditioning(unet.config, 1, latent_size * parts.vae_scale_factor, meta)
+    timesteps = torch.zeros(1, dtype=torch.long, device=meta)
     with FlopCounterMode(display=False) as counter:
         unet(latents, timesteps, **conditioning, return_dict=False)[0].float().pow(2).mean().backward()
-    unet.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 

@@ -56,7 +56,7 @@ def _train(args, info, stop_request):
     resolution = models.check_resolution(parts, args.resolution)
     models.prepare_for_training(parts, info.device, engine.compute_dtype, args.gradient_checkpointing,
                                 args.enable_xformers_memory_efficient_attention)
-    flops_per_sample = speed.unet_flops_per_sample(parts, resolution // parts.vae_scale_factor, info.device)
+    flops_per_sample = speed.unet_flops_per_sample(parts, resolution // parts.vae_scale_factor)
     speed.speed_up_unet(parts.unet, info.device, args.compile)
     dataset, held_out, dataloader, encode = input_pipeline.build(args, parts, resolution, seed, info, engine,
                                                                      stop_request)
