@@ -80,7 +80,8 @@ def _train(args, info, stop_request):
     ema_model = ema.maybe_create(args, engine, unet)
 
     tracker = Tracker(info.is_main, max_steps, args.report_to, _logging_dir(args))
-    tracker.info(f"plugin={engine.plugin} precision={engine.precision} device={info.device.type} "
+    tracker.info(f"model={parts.family.name} plugin={engine.plugin} precision={engine.precision} "
+                 f"device={info.device.type} "
                  f"processes={info.world_size} samples={len(dataset)} resolution={resolution} "
                  f"batch/process={args.train_batch_size} accumulation={args.gradient_accumulation_steps} "
                  f"images/step={images_per_step} steps={max_steps} epochs={epochs} seed={seed}")

@@ -10,12 +10,12 @@ TEXT_LENGTH = 77  # CLIP's context: every SD text encoder's token count
 class Family:
     """One generation of Stable Diffusion. Subclasses set the class attributes and the conditioning methods."""
 
-    name: str  # as the log and errors say it
+    name: str  # as the log's first line says it (model=...)
     pipeline_class: str  # the diffusers pipeline, as model_index.json names it
     # (tokenizer, text encoder) component names, in the order their outputs are concatenated
     text_components: Tuple[Tuple[str, str], ...]
     text_encoder_classes: Dict[str, str]  # component -> transformers class loading it
-    lora_prefixes: Dict[str, str]  # component -> kohya LoRA key prefix
+    lora_prefixes: Dict[str, str]  # the LoRA file's components (UNet, text encoders) -> their kohya key prefix
 
     def __init__(self, index: dict):
         self.index = index  # model_index.json: the pipeline's own settings (e.g. force_zeros_for_empty_prompt)

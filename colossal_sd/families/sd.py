@@ -9,7 +9,7 @@ NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_s
 
 
 class StableDiffusion(Family):
-    name = "SD 1.x/2.x"
+    name = "SD1.x/2.x"
     pipeline_class = "StableDiffusionPipeline"
     text_components = (("tokenizer", "text_encoder"),)
     text_encoder_classes = {"text_encoder": "CLIPTextModel"}
