@@ -106,7 +106,7 @@ def script_run(tmp_path_factory):
 
 def test_02_script_trains_sdxl_and_the_saved_pipeline_samples(script_run, tiny_sdxl):
     out, log = script_run
-    assert "processes=2" in log and "resolution=32" in log and "val_loss=" in log
+    assert "model=SDXL" in log and "processes=2" in log and "resolution=32" in log and "val_loss=" in log
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     assert (out / "samples" / "final.png").is_file()
     trained = unet_weights(out)
