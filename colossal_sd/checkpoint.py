@@ -188,7 +188,7 @@ def rotate(output_dir, keep: int, log: Callable[[str], None]):
 # ---------------------------------------------------------------- the UNet: inference-ready and resumable
 
 
-def save_unet(engine, model, unet_config, folder: Path, use_lora: bool = False):
+def save_unet(engine, model, parts, folder: Path, use_lora: bool = False):
     """The trained weights, inference-ready: a diffusers UNet folder, or in a LoRA run the LoRA file (with the
     boosted model kept beside it for resuming)."""
     weights = folder / (LORA_MODEL_WEIGHTS if use_lora else UNET_WEIGHTS)
@@ -202,9 +202,9 @@ def save_unet(engine, model, unet_config, folder: Path, use_lora: bool = False):
         engine.booster.save_model(model, str(weights), shard=False, use_safetensors=True)
     if engine.dist.is_main and use_lora:
         from colossal_sd.lora import save_lora_weights
-        save_lora_weights(folder, engine.unwrap(model))
+        save_lora_weights(folder, engine.unwrap(model), parts.family, parts.unet.config)
     elif engine.dist.is_main:
-        unet_config.save_config(folder / "unet")
+        parts.unet.save_config(folder / "unet")
 
 
 def load_unet(engine, model, folder: Path, use_lora: bool = False):
@@ -276,12 +276,12 @@ class Checkpointer:
     state_dict()/load_state_dict(), e.g. an EMA model). `must_match` (resume_match.must_match) is recorded in
     every checkpoint and checked on resume."""
 
-    def __init__(self, args, info, engine, model, optimizer, lr_scheduler, unet_config, stop_request: StopRequest,
+    def __init__(self, args, info, engine, model, optimizer, lr_scheduler, parts, stop_request: StopRequest,
                  extras: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
                  before_save: Callable[[int], None] = lambda step: None, must_match: Optional[dict] = None):
         self.args, self.info, self.engine, self.before_save = args, info, engine, before_save
         self.model, self.optimizer, self.lr_scheduler = model, optimizer, lr_scheduler
-        self.unet_config, self.extras, self.log = unet_config, dict(extras or {}), log
+        self.parts, self.extras, self.log = parts, dict(extras or {}), log
         self.stop_request = stop_request
         self.must_match = must_match or {}
         self.base_lrs = list(lr_scheduler.base_lrs)  # this run's, before a resume restores the checkpoint's
@@ -356,7 +356,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
             tmp.mkdir(parents=True)
         barrier()
-        save_unet(self.engine, self.model, self.unet_config, tmp, self.args.use_lora)
+        save_unet(self.engine, self.model, self.parts, tmp, self.args.use_lora)
         save_optimizer(self.engine, self.optimizer, tmp)
         rng_states = _gather_to_main(rng_state(generator), self.info)
         if self.info.is_main:

@@ -93,7 +93,7 @@ def _train(args, info, stop_request):
     # Each rank draws its own noise, so the ranks' gradients differ and averaging them means something.
     generator = torch.Generator(info.device).manual_seed(distributed.rank_seed(seed, info.rank))
     guard = DivergenceGuard(args, engine, optimizer, before_stop=tracker.close)
-    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts.unet, stop_request,
+    checkpointer = Checkpointer(args, info, engine, unet, optimizer, lr_scheduler, parts, stop_request,
                                 log=tracker.info, before_save=guard.check_weights,
                                 extras={"ema": ema_model} if ema_model is not None else None,
                                 must_match=resume_match.must_match(images_per_step, resolution, base_model))

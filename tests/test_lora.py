@@ -169,7 +169,7 @@ def test_text_encoder_adapters_train_with_the_unet_in_one_model():
     model = lora.add_lora(cpu_engine("no"), parts, args)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(".unet." in n for n in trainable) and any(".text_encoder." in n and "q_proj" in n for n in trainable)
-    ids = parts.tokenizer(["an emoji of a cat"], padding="max_length", return_tensors="pt").input_ids
+    ids = parts.tokenizers["tokenizer"](["an emoji of a cat"], padding="max_length", return_tensors="pt").input_ids
     out = model(torch.randn(1, 4, 8, 8), torch.tensor([10]), ids)[0]
     out.mean().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -146,15 +146,17 @@ def lora_run(tmp_path_factory):
            "OUTPUT_DIR": str(out), "VALIDATION_SPLIT": "0", "LORA_ALPHA": "8"}
     proc = run_script("03_run_trainer_with_colossalai_lora.sh", "--max_train_samples", "8",
                       "--train_text_encoder_lora", "--lora_export_format", "kohya", "--merge_lora",
-                      "--learning_rate", "1e-2", "--cache_dir", out / "cache", *ONE_GRID, env=env)
+                      "--learning_rate", "1e-2", "--checkpointing_steps", "1", "--cache_dir", out / "cache",
+                      *ONE_GRID, env=env)
     return out, proc.stdout + proc.stderr
 
 
 def test_sdxl_lora_adapts_the_unet_and_both_text_encoders(lora_run):
     out, _ = lora_run
-    keys = load_file(out / lora.WEIGHT_NAME).keys()
-    for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
-        assert any(k.startswith(prefix) for k in keys), prefix
+    for folder in (out, out / "checkpoint-1"):  # the final LoRA file and a checkpoint's
+        keys = load_file(folder / lora.WEIGHT_NAME).keys()
+        for prefix in ("unet.", "text_encoder.", "text_encoder_2."):
+            assert any(k.startswith(prefix) for k in keys), (folder, prefix)
 
 
 def test_sdxl_kohya_file_uses_sgm_names_and_loads_to_the_same_images(lora_run, tiny_sdxl):
