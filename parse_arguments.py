@@ -70,7 +70,7 @@ VALUE_RANGES = {
     "caption_dropout": FRACTION, "min_timestep": AT_LEAST_0, "max_timestep": AT_LEAST_1,
     "keep_tokens": AT_LEAST_0, "caption_tag_dropout": FRACTION, "caption_variants": AT_LEAST_1,
     "num_validation_images": AT_LEAST_1, "validation_inference_steps": AT_LEAST_1,
-    "validation_steps": AT_LEAST_1, "validation_epochs": AT_LEAST_1, "validation_split": FRACTION,
+    "validation_steps": AT_LEAST_1, "validation_epochs": AT_LEAST_0, "validation_split": FRACTION,
     "num_class_images": AT_LEAST_1, "sample_batch_size": AT_LEAST_1, "prior_loss_weight": POSITIVE,
 }
 
@@ -303,7 +303,7 @@ def add_quality_arguments(p: argparse.ArgumentParser):
                           "prompt per line with kohya's options (--n negative, --w/--h size, --d seed, "
                           "--l guidance, --s steps); what a line leaves out comes from the validation flags.")
     val.add_argument("--validation_steps", type=int, default=None, help="Validate every N optimizer steps.")
-    val.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs.")
+    val.add_argument("--validation_epochs", type=int, default=5, help="Validate every N epochs (0: only by --validation_steps).")
     val.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     val.add_argument("--validation_seed", type=int, default=0, help="Seed of the validation images and noise.")
     val.add_argument("--validation_inference_steps", type=int, default=20,

@@ -20,8 +20,8 @@ if [ -n "$CONFIG" ]; then
         config_flags+=("$line")
     done < <(cd "$HERE" && "$PYTHON" -m colossal_sd.config_file "$CONFIG" || true)
 fi
-# Sample grids of these prompts suit the embedded emoji data; with your own data pass --validation_prompts.
-EMOJI_PROMPTS=("an emoji of grinning face" "an emoji of red heart" "an emoji of rocket")
+# The demo's sample grids; with your own data pass --validation_prompts or --validation_prompts_file.
+EMOJI_PROMPTS=("an emoji of red heart" "an emoji of green heart" "an emoji of blue heart" "an emoji of yellow circle")
 
 # passed FLAG ARGS...: whether the script's own arguments set a trainer flag (`--flag value` or `--flag=value`).
 passed() {
@@ -65,29 +65,41 @@ launch_trainer() {
     }
     setting --output_dir "${OUTPUT_DIR:-}" "${DEFAULT_OUTPUT_DIR:-outputs/sd-finetuned}" "$@"
     setting --train_batch_size "${BATCH_SIZE:-}" 8 "$@"
-    setting --max_train_steps "${MAX_TRAIN_STEPS:-}" 300 "$@"
+    # The demo: no model given trains the embedded tiny model from its random UNet; no data given, on the
+    # emoji named by their colour, with grids of coloured hearts.
+    local demo_model=1 demo_data=1
+    if [ -n "${MODEL_NAME:-}" ] || given --pretrained_model_name_or_path "$@"; then
+        demo_model=""
+    fi
+    if [ -n "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] || given --dataset_name "$@" || given --train_data_dir "$@" \
+            || given --dataset_config "$@" || given --instance_data_dir "$@"; then
+        demo_data=""
+    fi
+    setting --max_train_steps "${MAX_TRAIN_STEPS:-}" "$([ -n "$demo_data" ] && echo 2500 || echo 300)" "$@"
     setting --pretrained_model_name_or_path "${MODEL_NAME:-}" "" "$@"
-    setting --dataset_name "$DATASET_NAME" "" "$@"
+    setting --dataset_name "$DATASET_NAME" "${demo_data:+embedded:emoji-colours}" "$@"
     setting --train_data_dir "${TRAIN_DATA_DIR:-}" "" "$@"
     setting --resolution "${RESOLUTION:-}" "" "$@"
     setting --mixed_precision "${MIXED_PRECISION:-}" "" "$@"
     setting --placement "$PLACEMENT" cpu "$@"
-    # The embedded UNet starts from random weights: it needs a training rate, not the fine-tuning 1e-4 the
-    # trainer defaults to for a real checkpoint.
-    local demo_rate=1e-3
-    if [ -n "${MODEL_NAME:-}" ] || given --pretrained_model_name_or_path "$@"; then
-        demo_rate=""
+    # A random UNet needs a training rate, not the fine-tuning 1e-4 the trainer defaults to for a real
+    # checkpoint. It also needs zero terminal SNR (v-prediction): SD's betas leave a trace of the image at the
+    # last timestep, and a model trained on flat-coloured emoji reads the colour from that trace instead of
+    # from the caption, so its samples, which start from pure noise, all come out the same colour.
+    setting --learning_rate "${LEARNING_RATE:-}" "${demo_model:+1e-3}" "$@"
+    if [ -n "$demo_model" ] && ! given --prediction_type "$@" && ! given --rescale_betas_zero_snr "$@"; then
+        flags+=(--prediction_type v_prediction --rescale_betas_zero_snr)
     fi
-    setting --learning_rate "${LEARNING_RATE:-}" "$demo_rate" "$@"
-    setting --validation_steps "${VALIDATION_STEPS:-}" 50 "$@"
+    setting --validation_steps "${VALIDATION_STEPS:-}" "$([ -n "$demo_data" ] && echo 250 || echo 50)" "$@"
     # a stream has no index to hold images out of, and a DreamBooth subject's handful of photos none to spare
     on --streaming "$@" || given --instance_data_dir "$@" \
         || setting --validation_split "${VALIDATION_SPLIT:-}" 0.02 "$@"
-    if [ -z "$DATASET_NAME${TRAIN_DATA_DIR:-}" ] && ! given --dataset_name "$@" && ! given --train_data_dir "$@" \
-            && ! given --dataset_config "$@" && ! given --instance_data_dir "$@"; then
+    if [ -n "$demo_data" ]; then
+        setting --caption_dropout "" 0.1 "$@"  # the unconditional prediction that guidance needs
+        setting --validation_epochs "" 0 "$@"  # 60 images make an epoch of 8 steps: grids by steps only
         setting --num_validation_images "" 2 "$@"
-        setting --validation_inference_steps "" 10 "$@"
-        given --validation_prompts "$@" || flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}")
+        given --validation_prompts "$@" || given --validation_prompts_file "$@" \
+            || flags+=(--validation_prompts "${EMOJI_PROMPTS[@]}")
     fi
 
     # One node: --standalone finds a free port. Several: c10d rendezvous at MASTER_ADDR:MASTER_PORT.
