@@ -11,7 +11,7 @@ import os
 from typing import NamedTuple, Optional
 
 from colossal_sd.config_file import parse_with_config
-from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_MODEL
+from colossal_sd.embedded import EMBEDDED_DATASET, EMBEDDED_DEMO_DATASET, EMBEDDED_MODEL
 from colossal_sd.errors import UserError
 from colossal_sd.single_file import is_single_file
 from colossal_sd.lora import DEFAULT_TARGET_MODULES, check_lora_arguments
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dataset_name", default=None,
                       help="Hub dataset id, or a local path that `datasets` loads: a saved dataset, "
                            "parquet/json/csv files, or an imagefolder. "
-                           f"'{EMBEDDED_DATASET}' is a built-in captioned emoji set. "
+                           f"'{EMBEDDED_DATASET}' is a built-in captioned emoji set, '{EMBEDDED_DEMO_DATASET}' its "
+                           "60 emoji named by a colour (the scripts' demo). "
                            f"Default (with no --train_data_dir): '{EMBEDDED_DATASET}'.")
     data.add_argument("--dataset_config_name", default=None, help="Config of the hub dataset.")
     data.add_argument("--train_data_dir", default=None,

@@ -1,6 +1,6 @@
 """Prompts in, PNGs out: sample a trained model, a checkpoint mid-run, a single file or a LoRA.
 
-    python sample.py --model sd-model-finetuned --prompt "an emoji of a red heart" --num_images 4
+    python sample.py --model sd-model-finetuned --prompt "an emoji of red heart" --num_images 4
     python sample.py --model sd-model-finetuned/checkpoint-500 --prompt_file prompts.txt
     torchrun --nproc_per_node 2 sample.py --model my-model.safetensors --lora my-lora --prompt_file prompts.txt
 

@@ -90,7 +90,7 @@ def write_clip_tokenizer_files(out: Path):
 def build_tiny_sd(out: Path):
     """A seed-deterministic SD-shaped pipeline: 64 px images, 16x16x4 latents.
 
-    The text encoder and UNet are random-initialised; the VAE is fitted to the emoji data (about a minute on a
+    The text encoder and UNet are random-initialised; the VAE is fitted to the emoji data (about two minutes on a
     laptop CPU) so that sample grids show the UNet learning shapes and colours instead of decoder noise.
     """
     import torch

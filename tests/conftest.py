@@ -22,6 +22,7 @@ def embedded_home(tmp_path_factory):
     from colossal_sd import embedded
     embedded.resolve(embedded.EMBEDDED_MODEL)
     embedded.resolve(embedded.EMBEDDED_DATASET)
+    embedded.resolve(embedded.EMBEDDED_DEMO_DATASET)
     return Path(home)
 
 

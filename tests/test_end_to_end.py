@@ -69,4 +69,7 @@ def test_scripts_use_demo_defaults_only_on_the_embedded_model_and_data(extra, em
     assert (command.count("--learning_rate") == 1 and command[command.index("--learning_rate") + 1] == "1e-3") \
         == embedded_model  # a real checkpoint keeps the fine-tuning default 1e-4
     assert ("--validation_prompts" in command) == embedded_data
+    # a random UNet trains as a base model does; a real checkpoint keeps its own noise schedule
+    assert ("--rescale_betas_zero_snr" in command and "v_prediction" in command) == embedded_model
+    assert ("embedded:emoji-colours" in command and "2500" in command) == embedded_data
 
