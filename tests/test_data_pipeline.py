@@ -20,10 +20,13 @@ from test_bad_input import assert_one_line_error
 def cached_runs(tmp_path_factory):
     """The 02 script (caching on by default) on 2 processes, then a second run on the same cache."""
     tmp = tmp_path_factory.mktemp("cached")
+    # the same data in both runs: the script alone would train the demo's colour emoji
     first = run_script("02_run_trainer_with_colossalai.sh", *FAST, "--random_flip", "--cache_dir", tmp / "cache",
+                       "--dataset_name", "embedded:emoji",
                        env={"NPROC": "2", "OUTPUT_DIR": str(tmp / "first"), "VALIDATION_SPLIT": "0"})
     second = run_trainer(*FAST, "--random_flip", "--cache_latents", "--cache_text_embeddings",
-                         "--cache_dir", tmp / "cache", "--output_dir", tmp / "second")
+                         "--cache_dir", tmp / "cache", "--dataset_name", "embedded:emoji",
+                         "--output_dir", tmp / "second")
     return SimpleNamespace(tmp=tmp, first=first.stdout + first.stderr, second=second.stdout + second.stderr)
 
 

@@ -73,7 +73,8 @@ def test_merged_pipeline_matches_base_plus_lora(trained, tiny_sd):
     out, _ = trained
     merged = load_pipeline(out / lora.MERGED_DIR)
     assert not any("lora" in k for k in merged.unet.state_dict())
-    np.testing.assert_allclose(sample(merged), sample(with_lora(tiny_sd, out)), atol=1e-4)
+    # fused weights round differently from base + adapter; the adapter itself moves pixels by more than 1e-2
+    np.testing.assert_allclose(sample(merged), sample(with_lora(tiny_sd, out)), atol=1e-3)
 
 
 def test_model_card_says_what_was_trained(trained):
