@@ -106,3 +106,12 @@ def write_imagefolder(folder: Path, images: dict, captions: dict):
         for name, caption in captions.items():
             f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
     return folder
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """The log window's all-reduce as one rank sees it: the identity. A real one-process gloo group can hang
+    this process when it is destroyed (its worker thread waits for the GIL that the destructor holds); the
+    2-process CLI tests cover the real reduction."""
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: None)

@@ -17,7 +17,6 @@ from colossal_sd.errors import UserError
 from conftest import load_pipeline, run_script, run_trainer, sample, unet_weights
 from parse_arguments import parse_args
 from test_datasets import write_images
-from test_final_outputs import one_process_group  # noqa: F401 (a fixture)
 
 CLASS_IMAGES = 6
 # 3 photos of the subject; 2 processes x 2 instance samples (+ 2 class samples) a step: the UNet sees 8 a step.
@@ -220,7 +219,7 @@ def test_reg_data_dir_pairs_kohya_folders_and_weights_them(tmp_path):
     assert sample(load_pipeline(out)).shape == (1, 32, 32, 3)
 
 
-def test_the_log_window_averages_the_two_losses_and_leaves_out_skipped_steps(one_process_group):
+def test_the_log_window_averages_the_two_losses_and_leaves_out_skipped_steps(single_rank):
     from colossal_sd.train import _Window
     window = _Window(torch.device("cpu"), loss_scaled=True)
     for total, instance, prior in ((3.0, 1.0, 2.0), (math.inf, math.inf, 1.0), (5.0, 2.0, 3.0)):

@@ -123,20 +123,12 @@ def test_an_unmarked_earlier_pipeline_is_set_aside_as_such(tmp_path):
     assert "an older version wrote it, or its save was interrupted" in said[0]
 
 
-@pytest.fixture
-def one_process_group():
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("loss_scaled, losses, expected", [
     (True, [1.0, math.inf, 3.0], {"loss": 2.0, "skipped_losses": 1.0}),  # fp16: the scaler skipped one step
     (True, [math.nan, math.inf], {"loss": math.nan, "skipped_losses": 2.0}),  # nothing but skips: diverged
     (False, [1.0, math.inf, 3.0], {"loss": math.inf}),
 ], ids=["fp16-one-skip", "fp16-all-skipped", "fp32"])
-def test_a_loss_scaler_skip_is_counted_not_averaged_into_the_loss(one_process_group, loss_scaled, losses, expected):
+def test_a_loss_scaler_skip_is_counted_not_averaged_into_the_loss(single_rank, loss_scaled, losses, expected):
     from colossal_sd.train import _Window
     window = _Window(torch.device("cpu"), loss_scaled)
     for loss in losses:
